@@ -1,0 +1,176 @@
+"""Attention: DeepSeek's multi-head latent attention (MLA) and grouped-query attention.
+
+MLA has two mathematically equal paths. The naive one (training, prefill) expands the
+latent into per-head keys and values. The weight-absorbed one (decode) folds the key
+up-projection into the query and applies the value up-projection after attention, so
+it attends directly over the cached latent (`kv_lora_rank + qk_rope_head_dim` values
+per token).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.configs import ModelConfig
+from r1jax.model.cache import GQACache, MLACache, write_rows
+from r1jax.model.layers import rms_norm
+from r1jax.model.rope import apply_rope
+from r1jax.sharding import ArrayInfo, fan_in_init, ones_init, zeros_init
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use 1e-6 whatever rms_norm_eps says
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MLAWeights:
+    q_a: Optional[jax.Array]  # [d, q]      (None without query compression)
+    q_a_norm: Optional[jax.Array]  # [q]
+    q_b: jax.Array  # [q, n, h + r]  ([d, n, h + r] without query compression)
+    kv_a: jax.Array  # [d, c + r]
+    kv_a_norm: jax.Array  # [c]
+    k_b: jax.Array  # [c, n, h]
+    v_b: jax.Array  # [c, n, o]
+    o: jax.Array  # [n, o, d]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GQAWeights:
+    q: jax.Array  # [d, n, h]
+    k: jax.Array  # [d, m, h]
+    v: jax.Array  # [d, m, h]
+    q_bias: Optional[jax.Array]  # [n, h]
+    k_bias: Optional[jax.Array]  # [m, h]
+    v_bias: Optional[jax.Array]  # [m, h]
+    o: jax.Array  # [n, h, d]
+
+
+def mla_infos(cfg: ModelConfig) -> MLAWeights:
+    d, n, c = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+    h, r, o, q = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.q_lora_rank
+    dt = cfg.weight_dtype
+    compress = q is not None
+    return MLAWeights(
+        q_a=ArrayInfo((d, q), dt, ("embed", "q_lora"), fan_in_init(d)) if compress else None,
+        q_a_norm=ArrayInfo((q,), dt, ("q_lora",), ones_init) if compress else None,
+        q_b=ArrayInfo((q if compress else d, n, h + r), dt,
+                      ("q_lora" if compress else "embed", "heads", "head_dim"),
+                      fan_in_init(q if compress else d)),
+        kv_a=ArrayInfo((d, c + r), dt, ("embed", "kv_lora"), fan_in_init(d)),
+        kv_a_norm=ArrayInfo((c,), dt, ("kv_lora",), ones_init),
+        k_b=ArrayInfo((c, n, h), dt, ("kv_lora", "heads", "head_dim"), fan_in_init(c)),
+        v_b=ArrayInfo((c, n, o), dt, ("kv_lora", "heads", "head_dim"), fan_in_init(c)),
+        o=ArrayInfo((n, o, d), dt, ("heads", "head_dim", "embed"), fan_in_init(n * o)),
+    )
+
+
+def gqa_infos(cfg: ModelConfig) -> GQAWeights:
+    d, n, m, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads, cfg.gqa_head_dim
+    dt = cfg.weight_dtype
+    bias = cfg.attention_bias
+    return GQAWeights(
+        q=ArrayInfo((d, n, h), dt, ("embed", "heads", "head_dim"), fan_in_init(d)),
+        k=ArrayInfo((d, m, h), dt, ("embed", "kv_heads", "head_dim"), fan_in_init(d)),
+        v=ArrayInfo((d, m, h), dt, ("embed", "kv_heads", "head_dim"), fan_in_init(d)),
+        q_bias=ArrayInfo((n, h), dt, ("heads", "head_dim"), zeros_init) if bias else None,
+        k_bias=ArrayInfo((m, h), dt, ("kv_heads", "head_dim"), zeros_init) if bias else None,
+        v_bias=ArrayInfo((m, h), dt, ("kv_heads", "head_dim"), zeros_init) if bias else None,
+        o=ArrayInfo((n, h, d), dt, ("heads", "head_dim", "embed"), fan_in_init(n * h)),
+    )
+
+
+def attention_mask(q_index_bt: jax.Array, kv_index_s: jax.Array,
+                   q_segment_bt: Optional[jax.Array] = None,
+                   kv_segment_bs: Optional[jax.Array] = None) -> jax.Array:
+    """[b, t, s] bool: causal by slot index, and within the same segment when given."""
+    mask = kv_index_s[None, None, :] <= q_index_bt[:, :, None]
+    if q_segment_bt is not None:
+        mask &= q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]
+    return mask
+
+
+def _softmax(scores_bnts: jax.Array, mask_bts: jax.Array, scale: float) -> jax.Array:
+    scores = jnp.where(mask_bts[:, None], scores_bnts * scale, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _f32_einsum(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
+        cfg: ModelConfig, cache: Optional[MLACache] = None, start_b: Optional[jax.Array] = None,
+        absorbed: Optional[bool] = None):
+    """Multi-head latent attention. Returns (output [b, t, d], updated cache or None).
+
+    With a cache, the new tokens' latents are written at slots `start_b` and the queries
+    attend over the whole cache (the mask selects valid slots); `absorbed` defaults to
+    True with a cache, False without.
+    """
+    dt = x_btd.dtype
+    h, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    if w.q_a is not None:
+        q_lat = rms_norm(jnp.einsum("btd,dq->btq", x_btd, w.q_a.astype(dt)), w.q_a_norm, LATENT_NORM_EPS)
+        q_btnk = jnp.einsum("btq,qnk->btnk", q_lat, w.q_b.astype(dt))
+    else:
+        q_btnk = jnp.einsum("btd,dnk->btnk", x_btd, w.q_b.astype(dt))
+    q_nope, q_rope = q_btnk[..., :h], apply_rope(q_btnk[..., h:], cos, sin, cfg.rope_interleave)
+
+    kv_btk = jnp.einsum("btd,dk->btk", x_btd, w.kv_a.astype(dt))
+    latent_btc = rms_norm(kv_btk[..., :c], w.kv_a_norm, LATENT_NORM_EPS)
+    k_rope_btr = apply_rope(kv_btk[..., c:], cos, sin, cfg.rope_interleave)
+
+    if cache is not None:
+        entry = jnp.concatenate([latent_btc, k_rope_btr], axis=-1)
+        cache = MLACache(write_rows(cache.latent_rope, entry, start_b))
+        latent_bsc = cache.latent_rope[..., :c].astype(dt)
+        k_rope_bsr = cache.latent_rope[..., c:].astype(dt)
+    else:
+        latent_bsc, k_rope_bsr = latent_btc, k_rope_btr
+    if absorbed is None:
+        absorbed = cache is not None
+
+    rope_scores = _f32_einsum("btnr,bsr->bnts", q_rope, k_rope_bsr)
+    if absorbed:
+        q_lat_btnc = jnp.einsum("btnh,cnh->btnc", q_nope, w.k_b.astype(dt))
+        scores = _f32_einsum("btnc,bsc->bnts", q_lat_btnc, latent_bsc) + rope_scores
+        probs = _softmax(scores, mask_bts, cfg.softmax_scale).astype(dt)
+        out_lat_btnc = jnp.einsum("bnts,bsc->btnc", probs, latent_bsc)
+        out_btno = jnp.einsum("btnc,cno->btno", out_lat_btnc, w.v_b.astype(dt))
+    else:
+        k_nope_bsnh = jnp.einsum("bsc,cnh->bsnh", latent_bsc, w.k_b.astype(dt))
+        v_bsno = jnp.einsum("bsc,cno->bsno", latent_bsc, w.v_b.astype(dt))
+        scores = _f32_einsum("btnh,bsnh->bnts", q_nope, k_nope_bsnh) + rope_scores
+        probs = _softmax(scores, mask_bts, cfg.softmax_scale).astype(dt)
+        out_btno = jnp.einsum("bnts,bsno->btno", probs, v_bsno)
+    return jnp.einsum("btno,nod->btd", out_btno, w.o.astype(dt)), cache
+
+
+def gqa(w: GQAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
+        cfg: ModelConfig, cache: Optional[GQACache] = None, start_b: Optional[jax.Array] = None):
+    """Grouped-query attention with optional q/k/v biases (rotate-half RoPE).
+
+    Key/value head j serves query heads j*G .. j*G+G-1 (G = heads / kv heads).
+    Returns (output [b, t, d], updated cache or None).
+    """
+    dt = x_btd.dtype
+    q = jnp.einsum("btd,dnh->btnh", x_btd, w.q.astype(dt))
+    k = jnp.einsum("btd,dmh->btmh", x_btd, w.k.astype(dt))
+    v = jnp.einsum("btd,dmh->btmh", x_btd, w.v.astype(dt))
+    if w.q_bias is not None:
+        q, k, v = q + w.q_bias.astype(dt), k + w.k_bias.astype(dt), v + w.v_bias.astype(dt)
+    q = apply_rope(q, cos, sin, interleaved=False)
+    k = apply_rope(k, cos, sin, interleaved=False)
+    if cache is not None:
+        cache = GQACache(write_rows(cache.k, k, start_b), write_rows(cache.v, v, start_b))
+        k, v = cache.k.astype(dt), cache.v.astype(dt)
+    b, t, n, h = q.shape
+    m = k.shape[2]
+    q_btmgh = q.reshape(b, t, m, n // m, h)
+    scores = _f32_einsum("btmgh,bsmh->bmgts", q_btmgh, k).reshape(b, n, t, -1)
+    probs = _softmax(scores, mask_bts, cfg.softmax_scale).astype(dt).reshape(b, m, n // m, t, -1)
+    out = jnp.einsum("bmgts,bsmh->btmgh", probs, v).reshape(b, t, n, h)
+    return jnp.einsum("btnh,nhd->btd", out, w.o.astype(dt)), cache

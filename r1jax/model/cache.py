@@ -1,0 +1,109 @@
+"""KV caches as pytrees.
+
+MLA caches only what the weight-absorbed decode path needs: the normalised key/value
+latent and the rotated shared RoPE key, `kv_lora_rank + qk_rope_head_dim` values per
+token per layer (576 for DeepSeek-V3, against 2 * 128 * 192 = 49,152 for full keys and
+values). GQA models cache keys and values per key/value head.
+
+A cache holds one stack per layer group (the dense layers, the MoE layers, the MTP
+block), matching the stacked parameters, and `lengths[b]`: how many slots of each row
+are valid. `forward` writes new tokens at slots `lengths[b] ...` and advances `lengths`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.configs import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MLACache:
+    """latent_rope [l, b, s, kv_lora_rank + qk_rope_head_dim]: normalised latent | rotated k_rope."""
+
+    latent_rope: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GQACache:
+    """k, v [l, b, s, m, h] (keys already rotated)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+LayerCache = Union[MLACache, GQACache]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    lengths: jax.Array  # [b] int32
+    dense: Optional[LayerCache]
+    moe: Optional[LayerCache]
+    mtp: Optional[LayerCache]
+
+    @property
+    def max_length(self) -> int:
+        group = self.dense if self.dense is not None else self.moe
+        leaf = jax.tree.leaves(group)[0]
+        return leaf.shape[2]
+
+
+def cache_logical_axes(cfg: ModelConfig) -> dict:
+    """Logical axes of each cache array (for shardings)."""
+    if cfg.is_mla:
+        return {"latent_rope": ("layers", "batch", "cache_seq", "kv_lora")}
+    return {"k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+            "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim")}
+
+
+def _layer_cache(cfg: ModelConfig, layers: int, batch: int, max_length: int, dtype):
+    if layers == 0:
+        return None
+    if cfg.is_mla:
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        return MLACache(jnp.zeros((layers, batch, max_length, width), dtype))
+    shape = (layers, batch, max_length, cfg.num_kv_heads, cfg.gqa_head_dim)
+    return GQACache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, with_mtp: bool = False,
+               dtype=None) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_length` tokens each."""
+    if max_length < 1:
+        raise ValueError(f"init_cache: max_length={max_length}; expected >= 1")
+    dtype = dtype or cfg.activation_dtype
+    return KVCache(
+        lengths=jnp.zeros((batch,), jnp.int32),
+        dense=_layer_cache(cfg, cfg.num_dense_layers, batch, max_length, dtype),
+        moe=_layer_cache(cfg, cfg.num_moe_layers, batch, max_length, dtype),
+        mtp=_layer_cache(cfg, 1 if (with_mtp and cfg.num_nextn_predict_layers) else 0, batch,
+                         max_length, dtype),
+    )
+
+
+def values_per_token_per_layer(cfg: ModelConfig) -> int:
+    """Cached scalars per token per layer: c + r for MLA, 2 * m * h for GQA."""
+    if cfg.is_mla:
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return 2 * cfg.num_kv_heads * cfg.gqa_head_dim
+
+
+def full_kv_values_per_token_per_layer(cfg: ModelConfig) -> int:
+    """What a cache of full per-head keys and values would hold (the comparison for MLA)."""
+    if cfg.is_mla:
+        return cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return values_per_token_per_layer(cfg)
+
+
+def write_rows(buffer_bs: jax.Array, new_bt: jax.Array, start_b: jax.Array) -> jax.Array:
+    """Writes new [b, t, ...] into buffer [b, s, ...] at per-row slot offsets start [b]."""
+    def one(buf, new, start):
+        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
+    return jax.vmap(one)(buffer_bs, new_bt, start_b)

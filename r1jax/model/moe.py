@@ -1,0 +1,227 @@
+"""DeepSeekMoE: routing, dropless expert dispatch, shared experts, load balancing.
+
+Routing (float32): scores are sigmoid (V3) or softmax (V2) of `x @ router`. With
+`noaux_tc`, experts are *chosen* on `scores + router_bias` (the auxiliary-loss-free
+correction bias) inside the `topk_group` best groups, while the gate weights use the
+unbiased scores of the chosen experts, renormalised, times `routed_scaling_factor`.
+
+Dispatch is dropless and its compute grows with tokens x top-k, not tokens x experts:
+the (token, expert) pairs are sorted by expert and padded per expert to a multiple of a
+block of rows; a loop over the occupied blocks multiplies each by its expert's weights
+(`moe_matmul='blocks'`). `moe_matmul='ragged_dot'` uses `jax.lax.ragged_dot` instead,
+which is a grouped matmul on TPU but is lowered densely (all experts) on CPU and GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.configs import ModelConfig
+from r1jax.model.layers import swiglu
+from r1jax.sharding import ArrayInfo, fan_in_init, normal_init, zeros_init
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MLPWeights:
+    gate: jax.Array  # [d, f]
+    up: jax.Array  # [d, f]
+    down: jax.Array  # [f, d]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MoEWeights:
+    router: jax.Array  # [d, e]
+    router_bias: jax.Array  # [e] float32, the auxiliary-loss-free correction bias
+    gate: jax.Array  # [e, d, f]
+    up: jax.Array  # [e, d, f]
+    down: jax.Array  # [e, f, d]
+    shared: Optional[MLPWeights]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MoEStats:
+    load: jax.Array  # [e] int32: tokens routed to each expert
+    balance_loss: jax.Array  # [] float32: sequence-wise balance loss, already times alpha
+    experts: jax.Array  # [b, t, k] int32: the experts chosen per token (for routing replay)
+
+
+def mlp_infos(cfg: ModelConfig, hidden: int) -> MLPWeights:
+    d, dt = cfg.hidden_size, cfg.weight_dtype
+    return MLPWeights(
+        gate=ArrayInfo((d, hidden), dt, ("embed", "mlp"), fan_in_init(d)),
+        up=ArrayInfo((d, hidden), dt, ("embed", "mlp"), fan_in_init(d)),
+        down=ArrayInfo((hidden, d), dt, ("mlp", "embed"), fan_in_init(hidden)),
+    )
+
+
+def moe_infos(cfg: ModelConfig) -> MoEWeights:
+    d, e, f, dt = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.weight_dtype
+    shared = mlp_infos(cfg, f * cfg.n_shared_experts) if cfg.n_shared_experts else None
+    return MoEWeights(
+        router=ArrayInfo((d, e), dt, ("embed", None), normal_init(d ** -0.5)),
+        router_bias=ArrayInfo((e,), jnp.float32, (None,), zeros_init),
+        gate=ArrayInfo((e, d, f), dt, ("experts", "embed", "expert_mlp"), fan_in_init(d)),
+        up=ArrayInfo((e, d, f), dt, ("experts", "embed", "expert_mlp"), fan_in_init(d)),
+        down=ArrayInfo((e, f, d), dt, ("experts", "expert_mlp", "embed"), fan_in_init(f)),
+        shared=shared,
+    )
+
+
+# Routing -------------------------------------------------------------------------------------
+
+def router_scores(x_nd: jax.Array, router_de: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Per-expert affinities [n, e] in float32 (sigmoid or softmax of the router logits)."""
+    logits = jnp.einsum("nd,de->ne", x_nd.astype(jnp.float32), router_de.astype(jnp.float32))
+    return jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
+
+
+def select_experts(scores_ne: jax.Array, bias_e: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Top-k expert ids [n, k], chosen on the biased scores inside the best groups."""
+    choice = scores_ne + bias_e if cfg.topk_method == "noaux_tc" else scores_ne
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        n = choice.shape[0]
+        grouped = choice.reshape(n, cfg.n_group, cfg.experts_per_group)
+        if cfg.topk_method == "noaux_tc":  # a group's score: the sum of its two best experts
+            group_score = jax.lax.top_k(grouped, min(2, cfg.experts_per_group))[0].sum(-1)
+        else:
+            group_score = grouped.max(-1)
+        _, keep_groups = jax.lax.top_k(group_score, cfg.topk_group)
+        keep = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], keep_groups].set(True)
+        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, -1)
+    return jax.lax.top_k(choice, cfg.num_experts_per_tok)[1].astype(jnp.int32)
+
+
+def gate_weights(scores_ne: jax.Array, experts_nk: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Weights [n, k] of the chosen experts: unbiased scores, renormalised, scaled."""
+    weights = jnp.take_along_axis(scores_ne, experts_nk, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor
+
+
+def route(x_nd: jax.Array, w: MoEWeights, cfg: ModelConfig, experts_nk: Optional[jax.Array] = None):
+    """(experts [n, k] int32, weights [n, k] float32, scores [n, e] float32).
+
+    Passing `experts_nk` replays a recorded routing: the weights are recomputed from the
+    current scores at those experts, so gradients still flow into the router.
+    """
+    scores = router_scores(x_nd, w.router, cfg)
+    if experts_nk is None:
+        experts_nk = select_experts(scores, w.router_bias, cfg)
+    return experts_nk, gate_weights(scores, experts_nk, cfg), scores
+
+
+# Balancing -----------------------------------------------------------------------------------
+
+def sequence_balance_loss(scores_bte: jax.Array, experts_btk: jax.Array, cfg: ModelConfig,
+                          mask_bt: Optional[jax.Array] = None) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i * P_i, averaged over rows.
+
+    f_i = E / (K * T) * (tokens of the row routed to i), P_i = mean over the row's tokens
+    of the normalised affinity s_i / sum_j s_j.
+    """
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if mask_bt is None:
+        mask_bt = jnp.ones(experts_btk.shape[:2], jnp.float32)
+    tokens = jnp.maximum(mask_bt.sum(-1), 1.0)  # [b]
+    counts = (jax.nn.one_hot(experts_btk, e, dtype=jnp.float32).sum(2) * mask_bt[..., None]).sum(1)
+    f = counts * e / (k * tokens[:, None])
+    normed = scores_bte / (scores_bte.sum(-1, keepdims=True) + 1e-20)
+    p = (normed * mask_bt[..., None]).sum(1) / tokens[:, None]
+    return cfg.aux_loss_alpha * jnp.mean(jnp.sum(f * p, axis=-1))
+
+
+def update_router_bias(bias_le: jax.Array, load_le: jax.Array, gamma: float) -> jax.Array:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean_load - load_i), per layer."""
+    load = load_le.astype(jnp.float32)
+    return bias_le + gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
+
+
+# Dispatch ------------------------------------------------------------------------------------
+
+def block_size(rows: int, experts: int) -> int:
+    """Rows per block: about half the mean rows per expert, a power of two in [8, 256]."""
+    target = max(rows // (2 * experts), 1)
+    return int(min(256, max(8, 1 << (target.bit_length() - 1))))
+
+
+def _sorted_pairs(experts_nk: jax.Array, num_experts: int):
+    flat = experts_nk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return flat, order, sizes
+
+
+def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, block: int):
+    """Sorted, block-padded grouped SwiGLU: compute is (n*k + experts*block) rows at most,
+    and only the occupied blocks run."""
+    n, k = experts_nk.shape
+    e, d, _ = gate_edf.shape
+    dt = x_nd.dtype
+    rows = n * k
+    flat, order, sizes = _sorted_pairs(experts_nk, e)
+    padded = (sizes + block - 1) // block * block
+    padded_start = jnp.cumsum(padded) - padded
+    start = jnp.cumsum(sizes) - sizes
+    sorted_expert = flat[order]
+    dest = padded_start[sorted_expert] + jnp.arange(rows) - start[sorted_expert]  # row in padded layout
+    num_blocks = -(-rows // block) + min(e, rows)  # static bound on occupied blocks
+    token = order // k
+    x_pad = jnp.zeros((num_blocks * block, d), dt).at[dest].set(x_nd[token])
+    block_start = jnp.arange(num_blocks) * block
+    block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), e - 1)
+    occupied = block_start < padded.sum()
+
+    def one_block(args):
+        x_bd, expert, used = args
+
+        def compute():
+            g = jnp.einsum("bd,df->bf", x_bd, gate_edf[expert].astype(dt))
+            u = jnp.einsum("bd,df->bf", x_bd, up_edf[expert].astype(dt))
+            return jnp.einsum("bf,fd->bd", jax.nn.silu(g) * u, down_efd[expert].astype(dt))
+
+        return jax.lax.cond(used, compute, lambda: jnp.zeros_like(x_bd))
+
+    y_pad = jax.lax.map(one_block, (x_pad.reshape(num_blocks, block, d), block_expert, occupied))
+    y_sorted = y_pad.reshape(-1, d)[dest] * weights_nk.reshape(-1)[order][:, None].astype(dt)
+    return jnp.zeros((n, d), dt).at[token].add(y_sorted), sizes
+
+
+def expert_ffn_ragged(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
+    """The same grouped SwiGLU through `jax.lax.ragged_dot`."""
+    n, k = experts_nk.shape
+    dt = x_nd.dtype
+    flat, order, sizes = _sorted_pairs(experts_nk, gate_edf.shape[0])
+    token = order // k
+    xs = x_nd[token]
+    g = jax.lax.ragged_dot(xs, gate_edf.astype(dt), sizes)
+    u = jax.lax.ragged_dot(xs, up_edf.astype(dt), sizes)
+    y = jax.lax.ragged_dot(jax.nn.silu(g) * u, down_efd.astype(dt), sizes)
+    y = y * weights_nk.reshape(-1)[order][:, None].astype(dt)
+    return jnp.zeros((n, x_nd.shape[1]), dt).at[token].add(y), sizes
+
+
+def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
+        experts_btk: Optional[jax.Array] = None) -> tuple[jax.Array, MoEStats]:
+    """Routed experts + shared experts: [b, t, d] -> ([b, t, d], MoEStats)."""
+    b, t, d = x_btd.shape
+    x_nd = x_btd.reshape(b * t, d)
+    replay = None if experts_btk is None else experts_btk.reshape(b * t, -1)
+    experts, weights, scores = route(x_nd, w, cfg, replay)
+    if cfg.moe_matmul == "ragged_dot":
+        y, load = expert_ffn_ragged(x_nd, experts, weights, w.gate, w.up, w.down)
+    else:
+        blk = cfg.moe_block_size or block_size(b * t * cfg.num_experts_per_tok, cfg.n_routed_experts)
+        y, load = expert_ffn_blocks(x_nd, experts, weights, w.gate, w.up, w.down, blk)
+    if w.shared is not None:
+        y = y + swiglu(x_nd, w.shared.gate, w.shared.up, w.shared.down)
+    experts_btk = experts.reshape(b, t, -1)
+    balance = (sequence_balance_loss(scores.reshape(b, t, -1), experts_btk, cfg)
+               if cfg.aux_loss_alpha else jnp.zeros((), jnp.float32))
+    return y.reshape(b, t, d), MoEStats(load, balance, experts_btk)

@@ -1,0 +1,265 @@
+"""Meshes, logical-axis sharding rules, and weight declarations.
+
+Only this file names mesh axes (`data, fsdp, tensor, expert`). Everything else names
+*logical* axes (`batch, embed, heads, experts, ...`); a `ShardingRules` value maps
+them to mesh axes. Each weight is declared once as an `ArrayInfo`; the abstract tree,
+the shardings, the random init and the parameter count all come from those
+declarations.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+LOGICAL_AXES = ("batch", "seq", "embed", "act_embed", "heads", "kv_heads", "head_dim", "q_lora",
+                "kv_lora", "mlp", "experts", "expert_mlp", "vocab", "layers", "cache_seq")
+
+MeshAxes = Union[None, str, tuple[str, ...]]
+Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+
+
+# Meshes --------------------------------------------------------------------------------------
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'fsdp=4,expert=2' -> {'data': 1, 'fsdp': 4, 'tensor': 1, 'expert': 2}."""
+    sizes = {axis: 1 for axis in MESH_AXES}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in sizes:
+            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {MESH_AXES}")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"mesh spec {spec!r}: axis {name!r} needs an integer size, got {value!r}")
+        if size < 1:
+            raise ValueError(f"mesh spec {spec!r}: axis {name!r} has size {size}; expected >= 1")
+        sizes[name] = size
+    return sizes
+
+
+def make_mesh(spec: Union[str, dict[str, int]] = "", devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, expert) from a spec such as "fsdp=4,expert=2".
+
+    Axes left out have size 1. An empty spec puts every device on `fsdp`. The product of
+    the sizes must equal the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec) if isinstance(spec, str) else {a: 1 for a in MESH_AXES} | dict(spec)
+    if isinstance(spec, str) and not spec.strip():
+        sizes["fsdp"] = len(devices)
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        detail = ", ".join(f"{a}={s}" for a, s in sizes.items() if s > 1) or "all axes 1"
+        raise ValueError(f"mesh {detail} needs {total} devices, but {len(devices)} are present; "
+                         "make the product of the axis sizes equal the device count")
+    grid = np.array(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+# Rules ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Maps logical axis names to mesh axes (a name, a tuple of names, or None)."""
+
+    rules: tuple[tuple[str, MeshAxes], ...]
+
+    def __post_init__(self):
+        for logical, _ in self.rules:
+            if logical not in LOGICAL_AXES:
+                raise ValueError(f"ShardingRules: unknown logical axis {logical!r}; known: {LOGICAL_AXES}")
+        for _, mesh_axes in self.rules:
+            for axis in _as_tuple(mesh_axes):
+                if axis not in MESH_AXES:
+                    raise ValueError(f"ShardingRules: unknown mesh axis {axis!r}; mesh axes are {MESH_AXES}")
+
+    def mesh_axes(self, logical: Optional[str]) -> MeshAxes:
+        return dict(self.rules).get(logical) if logical else None
+
+    def spec(self, logical_axes: Sequence[Optional[str]]) -> PartitionSpec:
+        """PartitionSpec for an array whose dimensions carry these logical names."""
+        parts = [self.mesh_axes(name) for name in logical_axes]
+        used = [a for p in parts for a in _as_tuple(p)]
+        repeated = sorted({a for a in used if used.count(a) > 1})
+        if repeated:
+            raise ValueError(f"ShardingRules map mesh axis {repeated[0]!r} twice in one array "
+                             f"with logical axes {tuple(logical_axes)}")
+        return PartitionSpec(*parts)
+
+
+def _as_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
+    if mesh_axes is None:
+        return ()
+    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
+_BATCH = ("batch", ("data", "fsdp", "expert"))
+
+
+def data_parallel_rules() -> ShardingRules:
+    """Pure data parallelism: weights replicated, batch over every axis."""
+    return ShardingRules((("batch", ("data", "fsdp", "tensor", "expert")),))
+
+
+def fsdp_rules() -> ShardingRules:
+    """FSDP: weights sharded over `fsdp` along the model width, gathered per layer."""
+    return ShardingRules((_BATCH, ("embed", "fsdp"), ("vocab", "tensor")))
+
+
+def fsdp_tp_rules() -> ShardingRules:
+    """FSDP + tensor parallel (heads, MLP hidden and vocabulary over `tensor`)."""
+    return ShardingRules((_BATCH, ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
+                          ("mlp", "tensor"), ("vocab", "tensor"), ("expert_mlp", "tensor")))
+
+
+def fsdp_ep_rules() -> ShardingRules:
+    """FSDP + expert parallel (routed experts over `expert`)."""
+    return ShardingRules((_BATCH, ("embed", "fsdp"), ("experts", "expert"), ("vocab", "tensor")))
+
+
+def default_rules() -> ShardingRules:
+    """FSDP + tensor + expert parallel; size-1 mesh axes cost nothing."""
+    return ShardingRules((_BATCH, ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
+                          ("mlp", "tensor"), ("vocab", "tensor"), ("experts", "expert"),
+                          ("expert_mlp", "tensor")))
+
+
+RULE_PRESETS = {
+    "dp": data_parallel_rules, "fsdp": fsdp_rules, "fsdp_tp": fsdp_tp_rules,
+    "fsdp_ep": fsdp_ep_rules, "fsdp_tp_ep": default_rules,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshRules:
+    """A mesh and the rules that place logical axes on it (hashable: a static argument)."""
+
+    mesh: Mesh
+    rules: ShardingRules = dataclasses.field(default_factory=default_rules)
+
+    def sharding(self, logical_axes: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
+                 name: str = "array") -> NamedSharding:
+        spec = self.rules.spec(logical_axes)
+        if shape is not None:
+            check_divisible(name, shape, spec, self.mesh)
+        return NamedSharding(self.mesh, spec)
+
+
+def check_divisible(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> None:
+    """Raises when a sharded dimension is not divisible by its mesh axes' total size."""
+    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
+        axes = _as_tuple(axes)
+        parts = math.prod(mesh.shape[a] for a in axes)
+        if size % parts:
+            raise ValueError(f"{name}: dimension {dim} has size {size}, not divisible by mesh axis "
+                             f"{'x'.join(axes)} of size {parts}")
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]], mesh_rules: Optional[MeshRules]):
+    """Sharding constraint on an activation; a no-op without a mesh."""
+    if mesh_rules is None:
+        return x
+    spec = mesh_rules.rules.spec(logical_axes)
+    spec = PartitionSpec(*[p if _divides(x.shape[i], p, mesh_rules.mesh) else None
+                           for i, p in enumerate(spec)])
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh_rules.mesh, spec))
+
+
+def _divides(size: int, axes: MeshAxes, mesh: Mesh) -> bool:
+    return size % math.prod(mesh.shape[a] for a in _as_tuple(axes)) == 0
+
+
+# Weight declarations -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """One weight: shape, dtype, logical axes and initializer. A pytree leaf."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    logical_axes: tuple[Optional[str], ...]
+    init: Initializer
+
+    def __post_init__(self):
+        if len(self.shape) != len(self.logical_axes):
+            raise ValueError(f"ArrayInfo: shape {self.shape} and logical axes {self.logical_axes} "
+                             "have different ranks")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def is_info(x) -> bool:
+    return isinstance(x, ArrayInfo)
+
+
+def normal_init(std: float) -> Initializer:
+    return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def fan_in_init(fan_in: int) -> Initializer:
+    """Normal with std 1/sqrt(fan_in): unit-variance outputs for unit-variance inputs."""
+    return normal_init(fan_in ** -0.5)
+
+
+def ones_init(key, shape, dtype):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def zeros_init(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def stack_infos(tree, count: int, axis_name: str = "layers"):
+    """Prepends a stacking dimension (e.g. layers) to every declaration in a tree."""
+    def stack(info: ArrayInfo) -> ArrayInfo:
+        base = info.init
+        return ArrayInfo((count, *info.shape), info.dtype, (axis_name, *info.logical_axes),
+                         lambda key, shape, dtype: jax.vmap(lambda k: base(k, shape[1:], dtype))(
+                             jax.random.split(key, shape[0])))
+    return jax.tree.map(stack, tree, is_leaf=is_info)
+
+
+def abstract(tree, mesh_rules: Optional[MeshRules] = None):
+    """`jax.ShapeDtypeStruct` tree (with shardings when a mesh is given); allocates nothing."""
+    def leaf(path, info: ArrayInfo):
+        sharding = None
+        if mesh_rules is not None:
+            sharding = mesh_rules.sharding(info.logical_axes, info.shape, jax.tree_util.keystr(path))
+        return jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
+    return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=is_info)
+
+
+def shardings(tree, mesh_rules: MeshRules):
+    """NamedSharding for every declared array."""
+    return jax.tree.map(lambda s: s.sharding, abstract(tree, mesh_rules))
+
+
+def initialize(tree, key: jax.Array, mesh_rules: Optional[MeshRules] = None):
+    """Random arrays for every declaration; each leaf's key is folded from its position,
+    so a weight's values do not depend on the mesh."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_info)
+
+    def build(key):
+        arrays = [info.init(jax.random.fold_in(key, i), info.shape, info.dtype)
+                  for i, info in enumerate(leaves)]
+        return jax.tree.unflatten(treedef, arrays)
+
+    out_shardings = shardings(tree, mesh_rules) if mesh_rules is not None else None
+    return jax.jit(build, out_shardings=out_shardings)(key)
+
+
+def count(tree) -> int:
+    """Number of scalars declared in a tree of `ArrayInfo` or arrays."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=is_info))
