@@ -51,6 +51,7 @@ own protocol; the corrupt-step renaming is done by process 0 only.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401 -- must register its exit hook before ours
 import dataclasses
 import json
 import logging
@@ -58,7 +59,9 @@ import os
 import pathlib
 import re
 import shutil
+import threading
 import time
+import traceback
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -253,17 +256,23 @@ def close(handle: CheckpointHandle) -> None:
 
 
 # Handles not closed explicitly are closed at interpreter exit, which waits for their last
-# asynchronous save to commit instead of leaving a half-written temporary directory.
+# asynchronous save to commit instead of leaving it as an (ignored) temporary directory.
 _OPEN_HANDLES: set[CheckpointHandle] = set()
 
 
-@atexit.register
 def _close_open_handles() -> None:
     for handle in list(_OPEN_HANDLES):
         try:
             close(handle)
         except Exception:  # noqa: BLE001 -- best effort at exit
             logger.exception("closing checkpoint handle for %s at exit failed", handle.directory)
+
+
+# Orbax's writer threads use thread pools, which refuse new work once the interpreter starts
+# shutting down -- before plain ``atexit`` hooks run. ``threading._register_atexit`` hooks run
+# in reverse registration order before that, so register after concurrent.futures.thread.
+_register_early_atexit = getattr(threading, "_register_atexit", atexit.register)
+_register_early_atexit(_close_open_handles)
 
 
 def _check_open(handle: CheckpointHandle) -> None:
@@ -537,6 +546,9 @@ def _restore_step(handle: CheckpointHandle, step: int, target: Any) -> tuple[Any
         }))
         state, payload = restored[_STATE_ITEM], restored[_META_ITEM]
     except Exception as err:  # noqa: BLE001
+        # Drop the failed read's frame locals now: they hold orbax's pending read coroutines,
+        # which otherwise linger (with their exceptions) until some later garbage collection.
+        traceback.clear_frames(err.__traceback__)
         raise CheckpointCorruptError(
             f"checkpoint step {step} at {step_dir} is corrupt or truncated: "
             f"{_short(err)}") from err

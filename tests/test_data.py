@@ -143,7 +143,7 @@ def test_arithmetic_word_problems_are_correct(difficulty):
         for step in steps:
             lhs, rhs = step.split("=")
             assert safe_eval(lhs) == int(rhs)
-        # every number added/removed in the story appears in the worked steps
+        # the worked steps start from the story's first number (or a box product)
         start = int(re.search(r"has (\d+)", ex["question"]).group(1))
         assert steps[0].startswith(str(start)) or "*" in steps[0]
 
@@ -205,13 +205,12 @@ def test_char_tokenizer_round_trip():
 
 
 def _write_hf_tokenizer(folder, with_config=True):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = ["<pad>", "<s>", "</s>", "<think>", "</think>", "<answer>", "</answer>",
                 "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -211,7 +211,8 @@ def _present_splits(find, manual_dir, dataset: str) -> list[str]:
         except FileNotFoundError as e:
             errors.append(str(e))
     if not present:
-        raise FileNotFoundError(f"{dataset}: no split files found in {manual_dir}:\n" + "\n".join(errors))
+        raise FileNotFoundError(
+            f"{dataset}: no split files found in {manual_dir}:\n" + "\n".join(errors))
     return present
 
 

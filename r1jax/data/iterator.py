@@ -37,7 +37,9 @@ class Position:
         try:
             return cls(epoch=int(state["epoch"]), index=int(state["index"]))
         except KeyError as e:
-            raise KeyError(f"Position.from_dict: expected keys 'epoch' and 'index', got {sorted(state)}") from e
+            raise KeyError(
+                "Position.from_dict: expected keys 'epoch' and 'index', got "
+                f"{sorted(state)}") from e
 
 
 def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:

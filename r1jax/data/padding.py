@@ -27,7 +27,9 @@ def pad_token_lists(
     last ``max_len`` ids.  Empty lists are refused (generation needs a first token).
     """
     if truncate not in TRUNCATE_MODES:
-        raise ValueError(f"pad_token_lists: truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
+        raise ValueError(
+            f"pad_token_lists: truncate must be one of {TRUNCATE_MODES}, got "
+            f"{truncate!r}")
     if len(token_lists) == 0:
         raise ValueError("pad_token_lists: expected at least one prompt, got none")
     for i, ids in enumerate(token_lists):
@@ -43,7 +45,8 @@ def pad_token_lists(
         if len(ids) > width:
             if truncate == "error":
                 raise ValueError(
-                    f"pad_token_lists: prompt {i} has {len(ids)} tokens, more than max_len={width}; "
+                    f"pad_token_lists: prompt {i} has {len(ids)} tokens, more than "
+                    f"max_len={width}; "
                     f"raise max_len or pass truncate='left'")
             ids = ids[len(ids) - width:]
         tokens[i, :len(ids)] = np.asarray(ids, dtype=np.int32)

@@ -73,7 +73,8 @@ def require_str(record: dict, field: str, where: str) -> str:
     """``record[field]`` as a non-empty string, or a ``ValueError`` naming both."""
     value = record.get(field)
     if not isinstance(value, str) or not value.strip():
-        found = "missing" if field not in record else f"got {type(value).__name__} {str(value)[:40]!r}"
+        found = ("missing" if field not in record
+                 else f"got {type(value).__name__} {str(value)[:40]!r}")
         raise ValueError(
             f"{where}: expected field {field!r} to be a non-empty string ({found}; "
             f"keys: {sorted(record)})"
@@ -178,7 +179,9 @@ def math_records(manual_dir, split: str) -> Iterator[tuple[str, dict]]:
             elif "subject" in rec:
                 subject = require_str(rec, "subject", where)
             else:
-                raise ValueError(f"{where}: expected field 'type' (or 'subject'); keys: {sorted(rec)}")
+                raise ValueError(
+                    f"{where}: expected field 'type' (or 'subject'); keys: "
+                    f"{sorted(rec)}")
             if "level" not in rec:
                 raise ValueError(f"{where}: expected field 'level'; keys: {sorted(rec)}")
             level = parse_level(rec["level"], where)

@@ -61,7 +61,9 @@ class RecordSource(Sequence):
         if i < 0:
             i += n
         if not 0 <= i < n:
-            raise IndexError(f"{self.name}[{self.split}]: index {index} out of range for {n} records")
+            raise IndexError(
+                f"{self.name}[{self.split}]: index {index} out of range for {n} "
+                "records")
         return _to_python(self.raw[i])
 
     def __repr__(self) -> str:
@@ -74,12 +76,16 @@ def make_builder(name: str, data_dir, **config):
     from r1jax.data import builders
 
     if name not in builders.BUILDERS:
-        raise ValueError(f"load_source: unknown dataset {name!r}; expected one of {sorted(builders.BUILDERS)}")
+        raise ValueError(
+            f"load_source: unknown dataset {name!r}; expected one of "
+            f"{sorted(builders.BUILDERS)}")
     cls = builders.BUILDERS[name]
     if name in builders.CONFIG_FACTORIES:
         cfg = builders.CONFIG_FACTORIES[name](**config)
     elif config:
-        raise TypeError(f"load_source: dataset {name!r} takes no config options, got {sorted(config)}")
+        raise TypeError(
+            f"load_source: dataset {name!r} takes no config options, got "
+            f"{sorted(config)}")
     else:
         cfg = None
     return cls(data_dir=str(data_dir), config=cfg, file_format="array_record")
@@ -117,16 +123,22 @@ def load_source(name: str, split: str, data_dir, manual_dir=None, **config) -> R
         )
     available = sorted(builder.info.splits.keys())
     if split.split("[")[0] not in available:
-        raise ValueError(f"load_source: {name} in {builder.data_dir} has splits {available}, not {split!r}")
+        raise ValueError(
+            f"load_source: {name} in {builder.data_dir} has splits {available}, not "
+            f"{split!r}")
     return RecordSource(builder.as_data_source(split=split), name=name, split=split)
 
 
 def question_and_answer(name: str, record: dict) -> tuple[str, str]:
     """``(question, reference final answer as str)`` of a record of dataset ``name``."""
     if name not in QA_FIELDS:
-        raise ValueError(f"question_and_answer: unknown dataset {name!r}; expected one of {sorted(QA_FIELDS)}")
+        raise ValueError(
+            f"question_and_answer: unknown dataset {name!r}; expected one of "
+            f"{sorted(QA_FIELDS)}")
     q_field, a_field = QA_FIELDS[name]
     for field in (q_field, a_field):
         if field not in record:
-            raise KeyError(f"question_and_answer: {name} record has no field {field!r}; keys {sorted(record)}")
+            raise KeyError(
+                f"question_and_answer: {name} record has no field {field!r}; keys "
+                f"{sorted(record)}")
     return str(record[q_field]), str(record[a_field])

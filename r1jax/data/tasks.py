@@ -76,9 +76,13 @@ def countdown_example(
         ``solution`` (e.g. ``"(3+5)*2"``) evaluates to ``target``.
     """
     if not 1 <= min_count <= max_count:
-        raise ValueError(f"countdown: need 1 <= min_count <= max_count, got {min_count}, {max_count}")
+        raise ValueError(
+            f"countdown: need 1 <= min_count <= max_count, got {min_count}, "
+            f"{max_count}")
     if not 0 <= min_value <= max_value:
-        raise ValueError(f"countdown: need 0 <= min_value <= max_value, got {min_value}, {max_value}")
+        raise ValueError(
+            f"countdown: need 0 <= min_value <= max_value, got {min_value}, "
+            f"{max_value}")
     if min_target > max_target:
         raise ValueError(f"countdown: min_target {min_target} > max_target {max_target}")
     rng = _rng(seed, _COUNTDOWN_TAG, index)
@@ -181,7 +185,9 @@ def _word_problem(rng: np.random.Generator, difficulty: int) -> tuple[str, str, 
     return " ".join(sentences), ", ".join(work), str(total)
 
 
-def arithmetic_example(seed: int, index: int, difficulty: int = 1, kind: str = "expression") -> dict:
+def arithmetic_example(
+    seed: int, index: int, difficulty: int = 1, kind: str = "expression"
+) -> dict:
     """Arithmetic example ``index`` of the stream ``seed`` at ``difficulty``.
 
     ``difficulty`` is the number of operations (see :func:`arithmetic_limits` for the

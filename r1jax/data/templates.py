@@ -74,9 +74,13 @@ def chat_segments(
     msgs = list(messages)
     for i, m in enumerate(msgs):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(f"chat message {i}: expected a mapping with 'role' and 'content', got {m!r}")
+            raise ValueError(
+                f"chat message {i}: expected a mapping with 'role' and 'content', got "
+                f"{m!r}")
         if m["role"] not in CHAT_ROLES:
-            raise ValueError(f"chat message {i}: role must be one of {CHAT_ROLES}, got {m['role']!r}")
+            raise ValueError(
+                f"chat message {i}: role must be one of {CHAT_ROLES}, got "
+                f"{m['role']!r}")
         if m["role"] == "system" and i != 0:
             raise ValueError(f"chat message {i}: a system message is only allowed first")
     if default_system is not None and (not msgs or msgs[0]["role"] != "system"):

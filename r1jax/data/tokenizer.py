@@ -126,7 +126,9 @@ class HFTokenizer:
             return None
         tid = self.tokenizer.token_to_id(token)
         if tid is None:
-            raise ValueError(f"HFTokenizer ({self.source}): {field} {token!r} is not in the vocabulary")
+            raise ValueError(
+                f"HFTokenizer ({self.source}): {field} {token!r} is not in the "
+                "vocabulary")
         return tid
 
     @classmethod
@@ -176,11 +178,15 @@ class HFTokenizer:
         ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
         if add_bos:
             if self.bos_id is None:
-                raise ValueError(f"HFTokenizer ({self.source}): add_bos=True but no bos_token is set")
+                raise ValueError(
+                    f"HFTokenizer ({self.source}): add_bos=True but no bos_token is "
+                    "set")
             ids.insert(0, self.bos_id)
         if add_eos:
             if self.eos_id is None:
-                raise ValueError(f"HFTokenizer ({self.source}): add_eos=True but no eos_token is set")
+                raise ValueError(
+                    f"HFTokenizer ({self.source}): add_eos=True but no eos_token is "
+                    "set")
             ids.append(self.eos_id)
         return ids
 

@@ -167,6 +167,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
             positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
             cache: Optional[KVCache] = None, *, routing: Optional[dict] = None,
             return_hidden: bool = False, with_mtp: bool = True,
+            logits_at: Optional[jax.Array] = None,
             mesh_rules: Optional[MeshRules] = None) -> ModelOutput:
     """Runs the model on tokens [b, t] int32.
 
@@ -176,6 +177,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
       the returned cache has `lengths + t`.
     routing: {'moe': [l_moe, b, t, k], 'mtp': [1, b, t, k]} experts to replay instead of
       routing afresh (the gate weights are still recomputed).
+    logits_at [b]: compute logits only at this position of each row ([b, 1, v]); saves the
+      output head over a whole prefill.
     with_mtp: also run the multi-token-prediction module when params have one (without a
       cache; the sampler drives MTP drafting itself through `r1jax.model.mtp.mtp_forward`).
     """
@@ -216,7 +219,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
     if return_hidden:
         aux["hidden"] = jnp.concatenate(hidden, axis=0)
     h_final = h
-    logits = unembed(rms_norm(h, params.final_norm, cfg.rms_norm_eps), params.lm_head, params.embed)
+    h_head = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
+    logits = unembed(rms_norm(h_head, params.final_norm, cfg.rms_norm_eps), params.lm_head, params.embed)
 
     mtp_logits = None
     if params.mtp is not None and with_mtp and cache is None:
