@@ -43,16 +43,24 @@ this module:
   to ``<step>.corrupt-<time>`` by a writable handle, so that the resumed run can save
   those step numbers again and nothing is overwritten.
 
+Asynchronous saves: the arrays are copied off the devices before :func:`save` returns,
+then a background thread writes and commits. :func:`close` (or leaving a ``with`` block)
+waits for that; handles still open at interpreter exit are closed by an exit hook that runs
+before Python shuts down the thread pools orbax writes with, so a script that forgets to
+close still commits its last save and leaves no thread behind.
+
 Not covered: silent bit flips inside otherwise well-formed files are not detected (no
-checksums beyond those of the storage format), and durability across power loss depends on
-the filesystem (orbax does not fsync the directory rename). Multi-host use follows orbax's
-own protocol; the corrupt-step renaming is done by process 0 only.
+checksums beyond those of the storage format), and whether a committed step survives a
+power loss (rather than a process kill) depends on the filesystem flushing the final
+rename. Multi-host use follows orbax's own protocol but is untested here; the corrupt-step
+renaming and tmp-dir cleanup are done by process 0 only.
 """
 from __future__ import annotations
 
 import atexit
 import concurrent.futures.thread  # noqa: F401 -- must register its exit hook before ours
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -288,11 +296,17 @@ def _check_open(handle: CheckpointHandle) -> None:
 
 
 def all_steps(handle: CheckpointHandle) -> list[int]:
-    """Committed steps known to the handle, ascending (uncommitted tmp dirs never count).
+    """Steps of the directory, ascending: the committed step directories (temporary
+    directories of interrupted saves never count) plus the steps this handle has saved.
 
-    Includes steps whose asynchronous save is still in flight in this process.
+    A step whose asynchronous save is still in flight counts as soon as :func:`save`
+    returns; call :func:`wait` first to be sure it is committed. A read-only handle
+    re-lists the directory on every call (another process may be writing to it); a
+    writable one relies on its own bookkeeping since it was opened.
     """
     _check_open(handle)
+    if handle.read_only:
+        handle.manager.reload()
     return sorted(int(s) for s in handle.manager.all_steps())
 
 
@@ -546,9 +560,10 @@ def _restore_step(handle: CheckpointHandle, step: int, target: Any) -> tuple[Any
         }))
         state, payload = restored[_STATE_ITEM], restored[_META_ITEM]
     except Exception as err:  # noqa: BLE001
-        # Drop the failed read's frame locals now: they hold orbax's pending read coroutines,
-        # which otherwise linger (with their exceptions) until some later garbage collection.
+        # Orbax abandons the other pending array reads of a failed restore; finalise them now
+        # (each logs an "Exception ignored" traceback) rather than at some later collection.
         traceback.clear_frames(err.__traceback__)
+        gc.collect()
         raise CheckpointCorruptError(
             f"checkpoint step {step} at {step_dir} is corrupt or truncated: "
             f"{_short(err)}") from err
@@ -623,7 +638,10 @@ def restore(handle: CheckpointHandle, target: Any, step: int | None = None) -> t
     :class:`CheckpointFallbackWarning` and the next older one is tried, so a run resumes
     from the newest complete checkpoint. When an older step succeeds, a writable handle
     renames the skipped directories to ``<step>.corrupt-<time>`` (kept for inspection) so
-    the resumed run can save those steps again.
+    the resumed run can save those steps again. Which step was restored is whatever the
+    state records (e.g. ``state.step``); the warnings name it too.
+
+    Waits for this handle's pending saves first and re-lists the directory.
     """
     _check_open(handle)
     handle.manager.wait_until_finished()

@@ -41,6 +41,7 @@ class SamplingConfig:
     speculative: MTP self-speculative decoding (models with an MTP module).
     cache_length: slots per row (default prompt length + max_new_tokens (+1 speculative)).
     pad_id: written after a row has stopped.
+    record_experts: return the MoE experts each position was routed to (routing replay).
     """
 
     max_new_tokens: int = 128
@@ -52,6 +53,7 @@ class SamplingConfig:
     speculative: bool = False
     cache_length: Optional[int] = None
     pad_id: int = 0
+    record_experts: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -63,6 +65,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_k={self.top_k}: expected >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingConfig.top_p={self.top_p}: expected a value in (0, 1]")
+        if self.record_experts and self.speculative:
+            raise ValueError("SamplingConfig.record_experts is not supported with speculative=True")
 
 
 @jax.tree_util.register_dataclass
@@ -70,7 +74,9 @@ class SamplingConfig:
 class Samples:
     """tokens [b, n] int32 (pad after the end), logprobs [b, n] float32, lengths [b] int32,
     finish_reason [b] int32 (FINISHED_LENGTH or FINISHED_STOP), drafts_accepted [b] and
-    drafts_proposed [b] int32 (speculative decoding; zeros otherwise)."""
+    drafts_proposed [b] int32 (speculative decoding; zeros otherwise), experts
+    [b, l_moe, S, k] int32 by cache slot (prompt then completion; -1 where nothing was
+    routed) when `record_experts`, else None."""
 
     tokens: jax.Array
     logprobs: jax.Array
@@ -78,6 +84,7 @@ class Samples:
     finish_reason: jax.Array
     drafts_accepted: jax.Array
     drafts_proposed: jax.Array
+    experts: Optional[jax.Array] = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -190,9 +197,14 @@ def _sample_plain(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cach
     n = scfg.max_new_tokens
     out, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rules)
     logits = out.logits[:, 0]
+    record = scfg.record_experts and "experts" in out.aux
+    experts = None
+    if record:  # [l, b, S, k] by slot; prompt slots now, decode slots as they are fed
+        l, _, p, k = out.aux["experts"].shape
+        experts = jnp.full((l, b, cache_length, k), -1, jnp.int32).at[:, :, :p].set(out.aux["experts"])
 
     def emit(state, logits):
-        step, cache, tokens, logprobs, done, lengths, reason = state
+        step, cache, tokens, logprobs, done, lengths, reason, experts = state
         tok = choose(logits, jax.random.fold_in(key, step), scfg)
         tok = jnp.where(done, scfg.pad_id, tok)
         lp = jnp.where(done, 0.0, _logprob(logits, tok, scfg)) if scfg.return_logprobs else logprobs[:, 0]
@@ -201,11 +213,11 @@ def _sample_plain(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cach
         lengths = lengths + (~done).astype(jnp.int32)
         stopped = ~done & _is_stop(tok, scfg)
         reason = jnp.where(stopped, FINISHED_STOP, reason)
-        return (step + 1, cache, tokens, logprobs, done | stopped, lengths, reason), tok
+        return (step + 1, cache, tokens, logprobs, done | stopped, lengths, reason, experts), tok
 
     zeros = jnp.zeros((b,), jnp.int32)
     state = (jnp.int32(0), cache, jnp.full((b, n), scfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
-             jnp.zeros((b,), bool), zeros, zeros + FINISHED_LENGTH)
+             jnp.zeros((b,), bool), zeros, zeros + FINISHED_LENGTH, experts)
     state, tok = emit(state, logits)
 
     def cond(carry):
@@ -214,13 +226,20 @@ def _sample_plain(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cach
 
     def body(carry):
         state, tok = carry
+        slot = state[1].lengths
         out = forward(params, tok[:, None], cfg, cache=state[1], with_mtp=False, mesh_rules=mesh_rules)
-        state = (state[0], out.cache) + state[2:]
+        experts = state[7]
+        if record:
+            experts = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, 1),
+                               in_axes=(1, 1, 0), out_axes=1)(experts, out.aux["experts"], slot)
+        state = (state[0], out.cache) + state[2:7] + (experts,)
         return emit(state, out.logits[:, 0])
 
     state, _ = jax.lax.while_loop(cond, body, (state, tok))
-    _, _, tokens, logprobs, _, lengths, reason = state
-    return Samples(tokens, logprobs, lengths, reason, zeros, zeros)
+    _, _, tokens, logprobs, _, lengths, reason, experts = state
+    if experts is not None:
+        experts = jnp.moveaxis(experts, 1, 0)
+    return Samples(tokens, logprobs, lengths, reason, zeros, zeros, experts)
 
 
 # MTP speculative decoding ----------------------------------------------------------------------

@@ -108,12 +108,13 @@ def gate_weights(scores_ne: jax.Array, experts_nk: jax.Array, cfg: ModelConfig) 
 def route(x_nd: jax.Array, w: MoEWeights, cfg: ModelConfig, experts_nk: Optional[jax.Array] = None):
     """(experts [n, k] int32, weights [n, k] float32, scores [n, e] float32).
 
-    Passing `experts_nk` replays a recorded routing: the weights are recomputed from the
-    current scores at those experts, so gradients still flow into the router.
+    Passing `experts_nk` replays a recorded routing (entries of -1 are routed afresh): the
+    weights are recomputed from the current scores at those experts, so gradients still
+    flow into the router.
     """
     scores = router_scores(x_nd, w.router, cfg)
-    if experts_nk is None:
-        experts_nk = select_experts(scores, w.router_bias, cfg)
+    fresh = select_experts(scores, w.router_bias, cfg)
+    experts_nk = fresh if experts_nk is None else jnp.where(experts_nk >= 0, experts_nk, fresh)
     return experts_nk, gate_weights(scores, experts_nk, cfg), scores
 
 

@@ -40,9 +40,11 @@ _log = logging.getLogger(__name__)
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 
-# Answers longer than this are treated as wrong without calling math-verify: no real
-# final answer is this long, and parsing megabytes with sympy would be slow.
+# Answers longer or more deeply bracketed than this are treated as wrong without calling
+# math-verify: no real final answer is like that, and math-verify's parsing time grows
+# with length and exponentially with nesting ("(" * 20 + "1" + ")" * 20 takes seconds).
 _MAX_ANSWER_CHARS = 1000
+_MAX_ANSWER_NESTING = 12
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,6 +176,7 @@ def extract_answer(completion: str) -> str | None:
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _THOUSANDS = re.compile(r"[+-]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?")
 _PLAIN_FRACTION = re.compile(r"([+-]?[0-9]+)\s*/\s*([0-9]+)")
+_BRACKET = re.compile(r"[(\[{]|[)\]}]")
 
 
 def _as_number(text: str) -> Fraction | None:
@@ -194,6 +197,17 @@ def _as_number(text: str) -> Fraction | None:
     return None
 
 
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for m in _BRACKET.finditer(text):
+        if m.group() in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def math_accuracy(completion: str, reference_answer: str, timeout_seconds: float = 2.0) -> float:
     """1.0 if the completion's final answer equals the reference answer, else 0.0.
 
@@ -211,7 +225,8 @@ def math_accuracy(completion: str, reference_answer: str, timeout_seconds: float
     This holds on any thread and for sympy work stuck in C code, which signal-based
     timeouts cannot interrupt. Waiting for a helper to finish starting (about a second,
     on first use or after a kill) is not counted against ``timeout_seconds``. Answers
-    longer than 1000 characters score 0.0 without math-verify.
+    longer than 1000 characters or with brackets nested more than 12 deep score 0.0
+    without math-verify.
 
     Never raises; returns 0.0 for non-string input or if the helper cannot be started.
     """
@@ -226,8 +241,9 @@ def math_accuracy(completion: str, reference_answer: str, timeout_seconds: float
     predicted_number, gold_number = _as_number(predicted), _as_number(gold)
     if predicted_number is not None and gold_number is not None:
         return float(predicted_number == gold_number)
-    if len(predicted) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
-        return 0.0
+    for answer in (predicted, gold):
+        if len(answer) > _MAX_ANSWER_CHARS or _nesting_depth(answer) > _MAX_ANSWER_NESTING:
+            return 0.0
     try:
         timeout = float(timeout_seconds)
         if not timeout > 0:
