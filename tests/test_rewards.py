@@ -94,6 +94,7 @@ CASES = [
     ("lang-prompt-no-letters", LANG, ("<think>x y</think>", "1+1"), {}, 1.0),
     ("lang-think-from-prompt", LANG, ("中文推理</think><answer>five</answer>", "question"), {}, 0.0),
     ("lang-no-tags", LANG, ("plain English, x = 3", "English"), {}, 1.0),
+    ("lang-latex-is-markup", LANG, ("<think>所以答案是 \\frac{1}{2}</think>", "计算一半"), {}, 1.0),
     # --- overlong (max 100, buffer 20: penalty starts after 80 tokens)
     ("ovl-short", OVERLONG, (10, 100, 20), {}, 0.0),
     ("ovl-buffer-start", OVERLONG, (80, 100, 20), {}, 0.0),
@@ -163,15 +164,19 @@ def warm_verifier():
     assert ACC("\\boxed{\\frac{1}{2}}", "0.5") == 1.0
 
 
-@pytest.mark.parametrize("on_thread", [False, True], ids=["main-thread", "worker-thread"])
-def test_time_limit_holds_for_pathological_answers(warm_verifier, on_thread):
+@pytest.mark.parametrize(
+    "on_thread, completion",
+    [(False, "\\boxed{9^{9^{9^{9}}}}"), (True, "<answer>2^{2^{2^{2^{2^{30}}}}}</answer>")],
+    ids=["main-thread", "worker-thread"],
+)
+def test_time_limit_holds_for_pathological_answers(warm_verifier, on_thread, completion):
+    timeout = 0.5
     results = []
 
     def run():
-        for completion in ("\\boxed{9^{9^{9^{9}}}}", "<answer>2^{2^{2^{2^{2^{30}}}}}</answer>"):
-            start = time.monotonic()
-            results.append((ACC(completion, "\\frac{1}{2}", timeout_seconds=1.0),
-                            time.monotonic() - start))
+        start = time.monotonic()
+        results.append(ACC(completion, "\\frac{1}{2}", timeout_seconds=timeout))
+        results.append(time.monotonic() - start)
 
     if on_thread:
         thread = threading.Thread(target=run)
@@ -179,10 +184,9 @@ def test_time_limit_holds_for_pathological_answers(warm_verifier, on_thread):
         thread.join()
     else:
         run()
-    assert len(results) == 2
-    for value, seconds in results:
-        assert value == 0.0
-        assert seconds < 1.0 + 1.0
+    value, seconds = results
+    assert value == 0.0
+    assert seconds < timeout + 1.0
     # The replacement helper still answers correctly afterwards.
     assert ACC("<answer>\\frac{\\sqrt{2}}{2}</answer>", "\\sqrt{2}/2") == 1.0
 
@@ -277,3 +281,4 @@ def test_random_and_adversarial_strings_never_raise(warm_verifier):
     assert COUNTDOWN("<answer>1+2</answer>", [1, 2.0, "3", None], 3) == 0.0
     assert COUNTDOWN("<answer>1+2</answer>", [1, 2.0], 3.0) == 1.0
     assert OVERLONG(float("nan"), 10, 2) == 0.0
+    assert isinstance(OVERLONG(10**400, 100, 20), float)

@@ -342,7 +342,8 @@ def _kill_idle_verifiers() -> None:
             _idle_verifiers.pop().kill()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_reset_after_fork)
 atexit.register(_kill_idle_verifiers)
 
 
@@ -549,7 +550,8 @@ def countdown_reward(
 # ---------------------------------------------------------------------------------------
 # Language consistency
 
-_TAG = re.compile(r"</?(?:think|answer)>")
+# Tags and LaTeX commands (\\frac, \\sqrt) are markup, not words of any language.
+_MARKUP = re.compile(r"</?(?:think|answer)>|\\[A-Za-z]+")
 # Hiragana, katakana and Han characters are one writing system here (Japanese mixes them).
 _CJK_SCRIPTS = frozenset({"CJK", "HIRAGANA", "KATAKANA"})
 
@@ -588,7 +590,8 @@ def language_consistency_reward(completion: str, prompt: str) -> float:
 
     The reasoning is the text between ``<think>`` and the first ``</think>`` (from the
     start of the completion when ``<think>`` was in the prompt); when there is no
-    ``</think>`` it is the whole completion. ``<think>``/``<answer>`` tags are ignored.
+    ``</think>`` it is the whole completion. ``<think>``/``<answer>`` tags and LaTeX
+    commands (``\\frac``) are ignored.
     Letters are classified by script from their Unicode names (LATIN, CJK, CYRILLIC,
     ARABIC, HANGUL, GREEK, ...; Han, hiragana and katakana count as one script, CJK);
     digits, punctuation, whitespace, math symbols and math letters do not count.
@@ -608,7 +611,7 @@ def language_consistency_reward(completion: str, prompt: str) -> float:
         open_ = completion.rfind(_THINK_OPEN, 0, close)
         reasoning = completion[open_ + len(_THINK_OPEN) if open_ != -1 else 0:close]
     prompt_counts = _script_counts(prompt)
-    reasoning_counts = _script_counts(_TAG.sub(" ", reasoning))
+    reasoning_counts = _script_counts(_MARKUP.sub(" ", reasoning))
     if not prompt_counts or not reasoning_counts:
         return 1.0
     dominant = prompt_counts.most_common(1)[0][0]
@@ -628,7 +631,7 @@ def overlong_penalty(length_tokens: int, max_length: int, cache_length: int) -> 
     """
     try:
         length, limit, buffer = float(length_tokens), float(max_length), float(cache_length)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.0
     if length != length or limit != limit or buffer != buffer:
         return 0.0
