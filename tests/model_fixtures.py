@@ -36,11 +36,46 @@ def fixture(name: str):
     return cfg, params, data
 
 
+def random_params(cfg, seed: int, with_mtp: bool = True):
+    """Parameters drawn with numpy the way the HF fixtures were (README): every matrix
+    normal with std 1/sqrt(fan_in), norm gains 1 + 0.2 * normal, q/k/v biases 0.3 *
+    normal, router correction bias 0.15 * normal, so every part of the model matters.
+
+    Used instead of `init_params` for the MoE model's property tests: `init_params`
+    compiles one threefry normal per weight, about 25 s for tiny_moe on 2 CPU cores, and
+    its gains of one and zero router bias exercise less. `init_params` itself is tested
+    on tiny_dense (values) and by `eval_shape` (structure)."""
+    from r1jax import sharding as shd
+    from r1jax.model import transformer
+    rng = np.random.default_rng(seed)
+    infos = transformer.param_infos(cfg, with_mtp=with_mtp)
+
+    def draw(path, info):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        dims = [n for n, ax in zip(info.shape, info.logical_axes) if ax not in ("layers", "experts")]
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.endswith("norm"):
+            x = 1 + 0.2 * rng.standard_normal(info.shape)
+        elif leaf == "router_bias":
+            x = 0.15 * rng.standard_normal(info.shape)
+        elif leaf.endswith("_bias"):
+            x = 0.3 * rng.standard_normal(info.shape)
+        elif leaf == "embed":
+            x = rng.standard_normal(info.shape) * (2 * cfg.hidden_size ** -0.5
+                                                   if cfg.tie_word_embeddings else 1.0)
+        else:
+            fan_in = int(np.prod(dims[:2])) if name.endswith("attn.o") else dims[0]
+            x = rng.standard_normal(info.shape) * fan_in ** -0.5
+        return jnp.asarray(x, info.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, infos, is_leaf=shd.is_info)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_moe():
-    """tiny_moe() (MLA + MoE + MTP) with `init_params(key(0))`."""
+    """tiny_moe() (MLA + MoE + MTP) with `random_params` (see there)."""
     cfg = r1jax.configs.tiny_moe()
-    return cfg, r1jax.init_params(jax.random.key(0), cfg)
+    return cfg, random_params(cfg, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,12 +90,12 @@ def random_tokens(seed: int, shape=(B, T), vocab: int = 256) -> jax.Array:
 
 
 def distinct_tokens(seed: int, shape=(B, T), vocab: int = 256) -> jax.Array:
-    """Tokens that never repeat within a row (and avoid 0, the MTP padding token), so a
-    gradient with respect to an embedding row is the gradient with respect to one
+    """Tokens that never repeat in the batch (and avoid 0, the MTP padding token), so a
+    derivative with respect to an embedding-table row is one with respect to one
     position's input."""
     rng = np.random.default_rng(seed)
-    rows = [rng.permutation(np.arange(2, vocab))[:shape[1]] for _ in range(shape[0])]
-    return jnp.asarray(np.stack(rows), jnp.int32)
+    ids = rng.permutation(np.arange(2, vocab))[:int(np.prod(shape))]
+    return jnp.asarray(ids.reshape(shape), jnp.int32)
 
 
 def layer(stack, i: int):

@@ -44,38 +44,47 @@ def _untied(cfg, params):
 # Causality ------------------------------------------------------------------------------
 
 def test_causality_by_gradient(model):
-    """d logits[b, t] / d (input embedding at [b', s]) is exactly 0 when s > t or b' != b,
-    and non-zero when b' == b and s <= t. Each token occurs once in the batch, so the
-    gradient with respect to its embedding-table row is the gradient with respect to that
-    position's input. For tiny_moe the same holds for the MTP logits at position t, which
-    see tokens up to t + 1 (the MTP module embeds token t + 1)."""
+    """Forward-mode derivative of the logits with respect to the input embeddings of row r
+    at positions >= k (for every r and every cut k): exactly 0 at positions < k and in
+    the other row, non-zero at positions >= k of row r. Each token occurs once in the
+    batch, so perturbing a token's embedding-table row perturbs one position's input.
+    For tiny_moe the MTP logits at t see token t + 1, so they move from position k - 1."""
     name, cfg, params = model
     cfg, params = _untied(cfg, params)
     tokens = distinct_tokens(0, (B, T))
-    assert len(set(np.asarray(tokens).ravel().tolist())) == B * T
+    flat = np.asarray(tokens)
+    assert len(set(flat.ravel().tolist())) == B * T
     probe = jax.random.normal(jax.random.key(7), (cfg.vocab_size,))
+    cases = [(r, k) for r in range(B) for k in range(1, T)]
+    noise = np.asarray(jax.random.normal(jax.random.key(8), params.embed.shape))
+    tangents = np.zeros((len(cases), *params.embed.shape), np.float32)
+    for i, (r, k) in enumerate(cases):
+        tangents[i, flat[r, k:]] = noise[flat[r, k:]]
 
-    def per_position(embed):
-        out = r1jax.forward(dataclasses.replace(params, embed=embed), tokens, cfg)
-        main = out.logits @ probe  # [b, t]
-        if out.mtp_logits is None:
-            return main[None]
-        return jnp.stack([main, out.mtp_logits @ probe])
+    @jax.jit
+    def directional(params, tangents):
+        def per_position(embed):
+            out = r1jax.forward(dataclasses.replace(params, embed=embed), tokens, cfg)
+            heads = [out.logits @ probe] + ([] if out.mtp_logits is None else [out.mtp_logits @ probe])
+            return jnp.stack(heads)  # [heads, b, t]
+        return jax.vmap(lambda tan: jax.jvp(per_position, (params.embed,), (tan,))[1])(tangents)
 
-    jac = jax.jacrev(per_position)(params.embed)  # [heads, b, t, v, d]
-    jac = np.asarray(jac)[:, :, :, np.asarray(tokens)]  # [heads, b, t, b', s, d]
-    norms = np.abs(jac).sum(-1)
-    same_row = np.eye(B, dtype=bool)[:, None, :, None]
-    t_idx, s_idx = np.arange(T)[:, None], np.arange(T)[None, :]
-    assert norms.shape[0] == (2 if name == "moe" else 1)
-    for head, reach in enumerate((0, 1)[:norms.shape[0]]):  # main sees s <= t, MTP s <= t + 1
-        allowed = same_row & (s_idx <= t_idx + reach)[None, :, None, :]
-        n = norms[head]
-        assert np.all(n[~allowed] == 0.0), f"{name} head {head}: output depends on a later token"
-        assert np.all(n[allowed] > 0.0), f"{name} head {head}: output ignores an earlier token"
+    moved = np.abs(np.asarray(directional(params, jnp.asarray(tangents))))  # [case, heads, b, t]
+    assert moved.shape[1] == (2 if name == "moe" else 1)
+    for i, (r, k) in enumerate(cases):
+        for head in range(moved.shape[1]):
+            first = k - head  # main logits move from k, MTP logits from k - 1
+            m = moved[i, head]
+            assert np.all(m[1 - r] == 0), f"{name}: row {1 - r} depends on row {r} (head {head})"
+            assert np.all(m[r, :first] == 0), (
+                f"{name} head {head}: positions < {first} depend on tokens >= {k}")
+            assert np.all(m[r, first:] > 0), (
+                f"{name} head {head}: positions >= {first} ignore tokens >= {k}")
 
 
 def test_later_tokens_do_not_change_earlier_logits(model):
+    """Changing tokens 7.. leaves the logits at 0..6 bit for bit unchanged (and the MTP
+    logits at 0..5, which read one token ahead)."""
     name, cfg, params = model
     tokens = random_tokens(1)
     changed = tokens.at[:, 7:].set((tokens[:, 7:] + 11) % cfg.vocab_size)
@@ -125,18 +134,23 @@ def test_packed_sequences_equal_separate_runs(model):
 # KV cache ---------------------------------------------------------------------------------
 
 def test_cached_decode_equals_full_forward(model):
-    """Prefill 5 tokens into a cache of 12 slots, then feed the rest one at a time: each
-    step's logits equal the no-cache forward's logits at that position."""
+    """Through a KV cache of 12 slots, each step's logits equal the no-cache forward's
+    logits at those positions. tiny_dense: prefill 5 tokens, then one token at a time.
+    tiny_moe: three chunks of 4 (multi-token writes at non-zero offsets, one compiled
+    shape; prefill + token-by-token for MLA + MoE is checked against transformers in
+    test_parity)."""
     name, cfg, params = model
     tokens = random_tokens(3)
     full = r1jax.forward(params, tokens, cfg).logits
+    bounds = [0, 4, 8, 12] if name == "moe" else [0, 5, *range(6, T + 1)]
     cache = r1jax.init_cache(cfg, B, T)
-    out = r1jax.forward(params, tokens[:, :5], cfg, cache=cache)
-    steps = [out.logits]
-    for i in range(5, T):
-        out = r1jax.forward(params, tokens[:, i:i + 1], cfg, cache=out.cache)
+    steps = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out = r1jax.forward(params, tokens[:, lo:hi], cfg, cache=cache)
+        assert out.mtp_logits is None
+        np.testing.assert_array_equal(np.asarray(out.cache.lengths), [hi, hi])
+        cache = out.cache
         steps.append(out.logits)
-    np.testing.assert_array_equal(np.asarray(out.cache.lengths), [T, T])
     err = max_abs_diff(jnp.concatenate(steps, axis=1), full)
     assert err < 1e-5, f"{name}: cached decode differs from the full forward by {err:.3g}"
 
@@ -170,7 +184,6 @@ def test_absorbed_mla_equals_naive(mla_case, with_cache):
     cache, slots 0..2 already hold (random) entries and the new tokens go to slots 3..9."""
     cfg, w, x, positions, cos, sin, s = mla_case
 
-    @jax.jit
     def run(x, cache, absorbed):
         if cache is None:
             mask = attention.attention_mask(positions - 3, jnp.arange(x.shape[1]))
@@ -179,6 +192,7 @@ def test_absorbed_mla_equals_naive(mla_case, with_cache):
         start = jnp.full((x.shape[0],), 3, jnp.int32)
         return attention.mla(w, x, cos, sin, mask, cfg, cache, start, absorbed=absorbed)[0]
 
+    run = jax.jit(run, static_argnums=2)
     cache = None
     if with_cache:
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -197,26 +211,33 @@ def mesh():
     return r1jax.make_mesh("fsdp=2,tensor=2,expert=2")
 
 
-def test_init_on_mesh_is_sharded_and_equals_single_device(mesh):
-    cfg, params = _tiny_dense()
-    sharded = r1jax.init_params(jax.random.key(0), cfg, mesh=mesh)
-    q = sharded.dense_layers.attn.q
+@pytest.fixture(scope="module")
+def dense_on_mesh(mesh):
+    cfg, _ = _tiny_dense()
+    return r1jax.init_params(jax.random.key(0), cfg, mesh=mesh)
+
+
+def test_init_on_mesh_is_sharded(mesh, dense_on_mesh):
+    q = dense_on_mesh.dense_layers.attn.q  # [layers, d, heads, head_dim]
     assert q.sharding.mesh.shape == mesh.shape
-    assert tuple(q.sharding.spec)[1:3] == ("fsdp", "tensor")
+    assert tuple(q.sharding.spec)[:3] == (None, "fsdp", "tensor")
     assert len(q.sharding.device_set) == 8
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(sharded)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    assert tuple(dense_on_mesh.embed.sharding.spec) == ("tensor", "fsdp")
 
 
 @pytest.mark.parametrize("name", ["moe", "dense"])
-def test_sharded_forward_equals_single_device(mesh, name):
+def test_sharded_forward_equals_single_device(mesh, dense_on_mesh, name):
+    """tiny_dense: created on the mesh by init_params; tiny_moe: put into the shardings its
+    declarations give (experts over `expert`, expert hidden over `tensor`)."""
     cfg, params = MODELS[name]()
-    sharded = jax.device_put(params, transformer.param_shardings(cfg, mesh))
     if name == "moe":
-        assert "expert" in tuple(sharded.moe_layers.mlp.gate.sharding.spec)
-        assert "tensor" in tuple(sharded.moe_layers.mlp.gate.sharding.spec)
-        assert not sharded.moe_layers.mlp.gate.sharding.is_fully_replicated
-    assert not sharded.embed.sharding.is_fully_replicated
+        sharded = jax.device_put(params, transformer.param_shardings(cfg, mesh))
+        gate = sharded.moe_layers.mlp.gate  # [layers, experts, d, f]
+        assert tuple(gate.sharding.spec) == (None, "expert", "fsdp", "tensor")
+        assert gate.addressable_shards[0].data.shape == (2, 4, 32, 16)
+    else:
+        sharded = dense_on_mesh
     tokens = random_tokens(4)
     single = r1jax.forward(params, tokens, cfg)
     multi = r1jax.forward(sharded, tokens, cfg, mesh_rules=r1jax.MeshRules(mesh))
@@ -236,41 +257,60 @@ def test_mtp_logits_shape_and_loss():
     assert out.mtp_logits.shape == (B, T, cfg.vocab_size)
     assert out.mtp_logits.dtype == jnp.float32
     loss = mtp.mtp_loss(out.mtp_logits, tokens)
-    # hand: mean over i < T-2 of -log softmax(mtp_logits[:, i])[tokens[:, i + 2]]
-    logp = jax.nn.log_softmax(np.asarray(out.mtp_logits, np.float64)[:, :-2], -1)
-    want = -np.mean(np.take_along_axis(np.asarray(logp), np.asarray(tokens)[:, 2:, None], -1))
-    assert abs(float(loss) - want) < 1e-5
-    assert r1jax.forward(params, tokens, cfg, with_mtp=False).mtp_logits is None
+    # by hand: mean over i < T - 2 of -log softmax(mtp_logits[:, i])[tokens[:, i + 2]]
+    logits = np.asarray(out.mtp_logits, np.float64)[:, :-2]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, np.asarray(tokens)[:, 2:, None], -1)[..., 0]
+    assert abs(float(loss) - np.mean(logz - picked)) < 1e-5
+    no_mtp = jax.eval_shape(lambda p: r1jax.forward(p, tokens, cfg, with_mtp=False), params)
+    assert no_mtp.mtp_logits is None
 
 
 # Init -----------------------------------------------------------------------------------
 
-def test_seed_determinism():
+def test_seed_determinism(dense_on_mesh):
+    """Same key: identical values (here even on an 8-device mesh against one device);
+    another key: every randomly drawn weight differs."""
     cfg, params = _tiny_dense()
-    again = r1jax.init_params(jax.random.key(0), cfg)
     other = r1jax.init_params(jax.random.key(1), cfg)
     random_leaves = 0
-    for a, b, c in zip(jax.tree.leaves(params), jax.tree.leaves(again), jax.tree.leaves(other)):
+    for a, b, c in zip(jax.tree.leaves(params), jax.tree.leaves(dense_on_mesh), jax.tree.leaves(other)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         if np.ptp(np.asarray(a)) > 0:  # drawn at random (not a ones/zeros init)
             random_leaves += 1
             assert not np.any(np.asarray(a) == np.asarray(c))
-    assert random_leaves >= 8
+    assert random_leaves == 8  # embed; q, k, v, o; gate, up, down
 
 
 def test_init_statistics():
-    """fan-in init: std 1/sqrt(fan_in) for the projections; norms start at one."""
-    cfg, params = _tiny_moe()
-    q_a = np.asarray(params.dense_layers.attn.q_a)
-    assert abs(q_a.std() * np.sqrt(cfg.hidden_size) - 1) < 0.1
-    gate = np.asarray(params.moe_layers.mlp.gate)
-    assert gate.shape == (cfg.num_moe_layers, cfg.n_routed_experts, cfg.hidden_size,
-                          cfg.moe_intermediate_size)
-    assert abs(gate.std() * np.sqrt(cfg.hidden_size) - 1) < 0.1
-    assert not np.array_equal(gate[0, 0], gate[0, 1])  # experts drawn independently
-    assert not np.array_equal(gate[0], gate[1])  # layers drawn independently
+    """fan-in init: std 1/sqrt(fan_in); layers drawn independently; norms one, biases zero."""
+    cfg, params = _tiny_dense()
+    d = cfg.hidden_size
+    q = np.asarray(params.dense_layers.attn.q)
+    o = np.asarray(params.dense_layers.attn.o)  # [l, n, h, d]: fan-in n * h
+    down = np.asarray(params.dense_layers.mlp.down)
+    assert abs(q.std() * np.sqrt(d) - 1) < 0.05
+    assert abs(o.std() * np.sqrt(o.shape[1] * o.shape[2]) - 1) < 0.05
+    assert abs(down.std() * np.sqrt(cfg.intermediate_size) - 1) < 0.05
+    assert abs(np.asarray(params.embed).std() * np.sqrt(d) - 1) < 0.05  # tied: std d**-0.5
+    assert not np.array_equal(q[0], q[1])
     np.testing.assert_array_equal(np.asarray(params.final_norm), 1.0)
-    assert params.moe_layers.mlp.router_bias.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(params.dense_layers.attn.q_bias), 0.0)
+    assert params.lm_head is None and params.mtp is None
+
+
+def test_init_shapes_of_moe_model():
+    """Structure of init_params for MLA + MoE + MTP, from shapes alone."""
+    cfg = r1jax.configs.tiny_moe()
+    shapes = jax.eval_shape(lambda k: r1jax.init_params(k, cfg), jax.random.key(0))
+    e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    assert shapes.moe_layers.mlp.gate.shape == (cfg.num_moe_layers, e, d, f)
+    assert shapes.moe_layers.mlp.down.shape == (cfg.num_moe_layers, e, f, d)
+    assert shapes.moe_layers.mlp.router_bias.dtype == jnp.float32
+    assert shapes.dense_layers.mlp.gate.shape == (cfg.first_k_dense_replace, d, cfg.intermediate_size)
+    assert shapes.mtp.eh_proj.shape == (2 * d, d)
+    assert shapes.mtp.block.mlp.gate.shape == (e, d, f)  # the MTP block is a MoE block
+    assert jax.tree.structure(shapes) == jax.tree.structure(_tiny_moe()[1])
 
 
 def test_deepseek_v3_671b_parameter_count():
@@ -285,58 +325,62 @@ def test_deepseek_v3_671b_parameter_count():
     assert abs((with_mtp - main) - 11.61e9) < 0.01e9, with_mtp - main
     assert r1jax.param_count(cfg) == main
     assert r1jax.param_count(cfg, with_mtp=True) == with_mtp
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(shapes) if x.ndim > 1)
+    assert shapes.moe_layers.mlp.gate.shape == (58, 256, 7168, 2048)
+    assert shapes.moe_layers.mlp.gate.dtype == jnp.bfloat16
 
 
 # Remat, dtypes --------------------------------------------------------------------------
 
-def _loss(params, tokens, cfg):
-    out = r1jax.forward(params, tokens, cfg)
-    return (next_token_loss(out.logits, tokens) + mtp.mtp_loss(out.mtp_logits, tokens)
-            + out.aux["balance_loss"])
-
-
-def _has_primitive(jaxpr, name):
+def _has_remat(jaxpr):
+    from jax.extend.core import jaxprs_in_params
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == name:
+        if eqn.primitive.name.startswith(("remat", "checkpoint")):
             return True
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            if _has_primitive(sub, name):
-                return True
+        if any(_has_remat(sub) for sub in jaxprs_in_params(eqn.params)):
+            return True
     return False
 
 
-def test_remat_gives_same_gradients():
-    cfg, params = _tiny_moe()
+@pytest.mark.parametrize("name", ["moe", "dense"])
+def test_remat_is_applied(name):
+    cfg, params = MODELS[name]()
     tokens = random_tokens(5)
-    remat_cfg = cfg.replace(remat=True)
-    assert _has_primitive(jax.make_jaxpr(lambda p: _loss(p, tokens, remat_cfg))(params).jaxpr,
-                          "checkpoint")
-    assert not _has_primitive(jax.make_jaxpr(lambda p: _loss(p, tokens, cfg))(params).jaxpr,
-                              "checkpoint")
-    grad = jax.jit(jax.grad(_loss), static_argnums=2)
-    g0, g1 = grad(params, tokens, cfg), grad(params, tokens, remat_cfg)
+    for remat in (False, True):
+        c = cfg.replace(remat=remat)
+        jaxpr = jax.make_jaxpr(lambda p: r1jax.forward(p, tokens, c).logits)(params).jaxpr
+        assert _has_remat(jaxpr) == remat
+
+
+def test_remat_gives_same_gradients():
+    """tiny_dense (remat wraps the same scan body for every layer kind)."""
+    cfg, params = _tiny_dense()
+    tokens = random_tokens(5)
+
+    def loss(params, cfg):
+        return next_token_loss(r1jax.forward(params, tokens, cfg).logits, tokens)
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g0, g1 = grad(params, cfg), grad(params, cfg.replace(remat=True))
     paths = jax.tree_util.tree_flatten_with_path(g0)[0]
     for (path, a), b in zip(paths, jax.tree.leaves(g1)):
+        assert float(jnp.abs(a).max()) > 0, jax.tree_util.keystr(path)
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7,
                                    err_msg=jax.tree_util.keystr(path))
-    assert float(jnp.abs(g0.moe_layers.mlp.gate).max()) > 0  # experts get gradients
-    assert float(jnp.abs(g0.moe_layers.mlp.router).max()) > 0  # so does the router
 
 
 def test_bfloat16_runs_close_to_float32():
-    cfg, params = _tiny_moe()
+    """bfloat16 weights and activations (tiny_dense; the MoE layer in bfloat16 is checked
+    in test_moe): float32 logits, bfloat16 residual stream, finite and close to float32."""
+    cfg, params = _tiny_dense()
     bf_cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-    bf_params = jax.tree_util.tree_map_with_path(
-        lambda path, a: a if "router_bias" in jax.tree_util.keystr(path) else a.astype(jnp.bfloat16),
-        params)
+    bf_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     tokens = random_tokens(6)
     ref = r1jax.forward(params, tokens, cfg)
     out = r1jax.forward(bf_params, tokens, bf_cfg)
     assert out.logits.dtype == jnp.float32
     assert out.aux["final_hidden"].dtype == jnp.bfloat16
-    assert bool(jnp.all(jnp.isfinite(out.logits))) and bool(jnp.all(jnp.isfinite(out.mtp_logits)))
+    assert bool(jnp.all(jnp.isfinite(out.logits)))
     diff = np.abs(np.asarray(out.logits) - np.asarray(ref.logits))
     scale = float(np.asarray(ref.logits).std())
-    assert diff.mean() < 0.05 * scale, (diff.mean(), scale)
-    assert diff.max() > 0  # it really ran in lower precision
+    assert diff.max() < 0.1 * scale, (diff.max(), scale)
+    assert diff.max() > 1e-4 * scale  # it really ran in lower precision

@@ -112,15 +112,10 @@ def dense():
 
 
 @pytest.fixture(scope="module")
-def moe256():
-    cfg = r1jax.configs.tiny_moe()
-    return cfg, r1jax.init_params(jax.random.key(0), cfg)
-
-
-@pytest.fixture(scope="module")
 def moe16():
-    """tiny_moe with a 16-token vocabulary: drafts get accepted often, and distributions
-    over tokens are small enough for a chi-square test."""
+    """tiny_moe (MLA, MoE, an MTP module) with a 16-token vocabulary: drafts get accepted
+    often, and distributions over tokens are small enough for a chi-square test. (One
+    MoE model for the whole file: every distinct config compiles everything anew.)"""
     cfg = r1jax.configs.tiny_moe(vocab_size=16)
     return cfg, r1jax.init_params(jax.random.key(0), cfg)
 
@@ -148,22 +143,24 @@ def test_greedy_matches_transformers(fixture_models, name):
 
 # ----------------------------------------------------------------------------- 2. cached decode
 
-@pytest.mark.parametrize("model", ["moe256", "dense"])
+@pytest.mark.parametrize("model", ["moe16", "dense"])
 def test_cached_decode_equals_full_forward(request, model):
     cfg, params = request.getfixturevalue(model)
-    prompt, lengths = random_prompts(1, [6, 2, 4], 6, cfg.vocab_size)
-    fed = np.random.default_rng(2).integers(2, cfg.vocab_size, size=(3, 5)).astype(np.int32)
-    b, n = fed.shape
+    # the prompts (and so the compiled shapes) of the speculative / top-p tests
+    prompt, lengths = request.getfixturevalue("spec_prompts" if model == "moe16" else "dense_prompts")
+    b, p = prompt.shape
+    n = 10 if model == "moe16" else 8
+    fed = np.random.default_rng(2).integers(2, cfg.vocab_size, size=(b, n)).astype(np.int32)
     rows = np.arange(b)
     # the reference: no cache, whole sequences (right-padded; causal, so padding is inert)
     full = np.asarray(r1jax.forward(params, jnp.asarray(concat_rows(prompt, lengths, fed)), cfg,
                                     with_mtp=False).logits)
 
-    cache = r1jax.init_cache(cfg, b, prompt.shape[1] + n + 1)
+    cache = r1jax.init_cache(cfg, b, p + n + 1)
     out = r1jax.forward(params, jnp.asarray(prompt), cfg, cache=cache)
     np.testing.assert_allclose(np.asarray(out.logits)[rows, lengths - 1], full[rows, lengths - 1],
                                atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(np.asarray(out.cache.lengths), [6, 6, 6])
+    np.testing.assert_array_equal(np.asarray(out.cache.lengths), np.full(b, p))
     cache = dataclasses.replace(out.cache, lengths=jnp.asarray(lengths))
     for j in range(n):
         out = r1jax.forward(params, jnp.asarray(fed[:, j:j + 1]), cfg, cache=cache)
@@ -223,12 +220,17 @@ KEYS = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def truncated(dense):
+def dense_prompts(dense):
+    lens = np.random.default_rng(3).integers(1, 7, size=BATCH)
+    return random_prompts(4, lens, 6, dense[0].vocab_size)
+
+
+@pytest.fixture(scope="module")
+def truncated(dense, dense_prompts):
     """Samples of tiny_dense under TOPK and TOPP, 3 keys x 64 rows, and the forward
     logits (no cache) that predict each sampled token."""
     cfg, params = dense
-    lens = np.random.default_rng(3).integers(1, 7, size=BATCH)
-    prompt, lengths = random_prompts(4, lens, 6, cfg.vocab_size)
+    prompt, lengths = dense_prompts
     out = {}
     for name, scfg in (("top_k", TOPK), ("top_p", TOPP)):
         runs = []
@@ -436,16 +438,17 @@ def exact_distribution(moe16):
     distribution of t2 (MTP at the prompt position, fed t1), from no-cache forwards."""
     cfg, params = moe16
     v = cfg.vocab_size
-    p1 = np.exp(log_softmax(np.asarray(
-        r1jax.forward(params, jnp.array([[PROMPT_TOKEN]], jnp.int32), cfg, with_mtp=False).logits)[0, 0]))
-    seq2 = np.stack([np.full(v, PROMPT_TOKEN), np.arange(v)], 1).astype(np.int32)
-    out2 = r1jax.forward(params, jnp.asarray(seq2), cfg)
-    p2 = np.exp(log_softmax(np.asarray(out2.logits)[:, 1]))  # [t1, t2]
-    q2 = np.exp(log_softmax(np.asarray(out2.mtp_logits)[:, 0]))  # MTP draft for t2, [t1, t2]
+    # every sequence (prompt, t1, t2) in one no-cache forward; causal, so position 0 gives
+    # p(t1), position 1 p(t2 | t1), position 2 p(t3 | t1, t2), and the MTP module at
+    # position 0 (fed t1) the draft q(t2 | t1) that the speculative sampler proposes
     t1, t2 = np.meshgrid(np.arange(v), np.arange(v), indexing="ij")
-    seq3 = np.stack([np.full(v * v, PROMPT_TOKEN), t1.ravel(), t2.ravel()], 1).astype(np.int32)
-    p3 = np.exp(log_softmax(np.asarray(
-        r1jax.forward(params, jnp.asarray(seq3), cfg, with_mtp=False).logits)[:, 2])).reshape(v, v, v)
+    seq = np.stack([np.full(v * v, PROMPT_TOKEN), t1.ravel(), t2.ravel()], 1).astype(np.int32)
+    out = r1jax.forward(params, jnp.asarray(seq), cfg)
+    probs = np.exp(log_softmax(np.asarray(out.logits))).reshape(v, v, 3, v)
+    p1 = probs[0, 0, 0]
+    p2 = probs[:, 0, 1]  # [t1, t2]
+    p3 = probs[:, :, 2]  # [t1, t2, t3]
+    q2 = np.exp(log_softmax(np.asarray(out.mtp_logits)[:, 0])).reshape(v, v, v)[:, 0]  # [t1, t2]
     joint12 = p1[:, None] * p2
     return dict(p1=p1, joint12=joint12, p3=np.einsum("ab,abc->c", joint12, p3),
                 q_joint12=p1[:, None] * q2,
@@ -485,37 +488,42 @@ def test_sampling_distribution(moe16, exact_distribution, scfg):
 # ----------------------------------------------------------------------------- 8. sharded
 
 @pytest.fixture(scope="module")
-def sharded(moe16):
-    cfg, _ = moe16
-    mesh = r1jax.make_mesh("fsdp=2,tensor=2,expert=2")
-    return mesh, r1jax.init_params(jax.random.key(0), cfg, mesh=mesh)
+def mesh():
+    return r1jax.make_mesh("fsdp=2,tensor=2,expert=2")
 
 
-def test_sharded_init_equals_single_device_init(moe16, sharded):
-    _, params = moe16
-    _, params_sharded = sharded
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 params, params_sharded)
-    assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(params_sharded))
+def put_on_mesh(params, cfg, mesh):
+    """The same weights, laid out as `init_params(..., mesh=mesh)` would create them.
+    (Placing them costs far less than compiling a sharded init; that init giving the
+    same values on any mesh is a test of r1jax.sharding.)"""
+    from r1jax.model.transformer import param_shardings
+    return jax.device_put(params, param_shardings(cfg, mesh))
 
 
-@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "temperature1"])
-def test_sharded_sampling_equals_single_device(moe16, spec_prompts, greedy_plain, sharded, greedy):
-    cfg, params = moe16
-    mesh, params_sharded = sharded
-    prompt, lengths = spec_prompts
-    scfg = GREEDY if greedy else dataclasses.replace(GREEDY, temperature=1.0)
-    if greedy:
-        single = greedy_plain
+@pytest.mark.parametrize("case", ["moe_greedy", "dense_top_p"])
+def test_sharded_sampling_equals_single_device(request, mesh, case):
+    """8 devices (fsdp 2 x tensor 2 x expert 2; the batch over data x fsdp x expert) give
+    the single-device result: greedy on the MoE model; temperature 0.7 + top-p (a sort
+    over the vocabulary, which is sharded over `tensor`) with the same key on tiny_dense.
+    The single-device runs are those of the tests above (no extra compile)."""
+    if case == "moe_greedy":
+        (cfg, params), (prompt, lengths) = request.getfixturevalue("moe16"), request.getfixturevalue("spec_prompts")
+        scfg, key, single = GREEDY, 0, request.getfixturevalue("greedy_plain")
     else:
-        single = sample(params, cfg, jnp.asarray(prompt), jnp.asarray(lengths), jax.random.key(11), scfg)
+        (cfg, params), (prompt, lengths) = request.getfixturevalue("dense"), request.getfixturevalue("dense_prompts")
+        scfg, runs = request.getfixturevalue("truncated")["top_p"]
+        key, single = KEYS[0], runs[0][0]
+    params_sharded = put_on_mesh(params, cfg, mesh)
+    assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+               for leaf in jax.tree.leaves(params_sharded))
     batch = NamedSharding(mesh, P(("data", "fsdp", "expert")))
     got = sample(params_sharded, cfg, jax.device_put(jnp.asarray(prompt), batch),
-                 jax.device_put(jnp.asarray(lengths), batch), jax.random.key(11), scfg,
+                 jax.device_put(jnp.asarray(lengths), batch), jax.random.key(key), scfg,
                  mesh_rules=r1jax.MeshRules(mesh))
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(single.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(single.logprobs), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(single.lengths))
+    np.testing.assert_array_equal(np.asarray(got.finish_reason), np.asarray(single.finish_reason))
 
 
 # ----------------------------------------------------------------------------- 9. bad input
