@@ -364,9 +364,13 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 
 # Presets --------------------------------------------------------------------------------------
 
+def _build(overrides: dict, **defaults) -> ModelConfig:
+    return ModelConfig(**{**defaults, **overrides})
+
+
 def deepseek_v3_671b(**overrides) -> ModelConfig:
     """DeepSeek-V3 / DeepSeek-R1 (same architecture): 671B parameters, 37B active per token."""
-    return ModelConfig(
+    return _build(overrides,
         model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
         num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
         rms_norm_eps=1e-6, max_position_embeddings=163840, rope_theta=10000.0,
@@ -377,12 +381,12 @@ def deepseek_v3_671b(**overrides) -> ModelConfig:
         moe_intermediate_size=2048, first_k_dense_replace=3, n_group=8, topk_group=4,
         routed_scaling_factor=2.5, norm_topk_prob=True, aux_loss_alpha=1e-4,
         num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=(1,),
-        dtype="bfloat16", param_dtype="bfloat16", **overrides)
+        dtype="bfloat16", param_dtype="bfloat16")
 
 
 def deepseek_v2_lite_16b(**overrides) -> ModelConfig:
     """DeepSeek-V2-Lite: 15.7B parameters, softmax routing, no query compression."""
-    return ModelConfig(
+    return _build(overrides,
         model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
         num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
         rms_norm_eps=1e-6, max_position_embeddings=163840, rope_theta=10000.0,
@@ -393,27 +397,27 @@ def deepseek_v2_lite_16b(**overrides) -> ModelConfig:
         moe_intermediate_size=1408, first_k_dense_replace=1, n_group=1, topk_group=1,
         routed_scaling_factor=1.0, norm_topk_prob=False, scoring_func="softmax",
         topk_method="greedy", aux_loss_alpha=0.001, bos_token_id=100000, eos_token_id=(100001,),
-        dtype="bfloat16", param_dtype="bfloat16", **overrides)
+        dtype="bfloat16", param_dtype="bfloat16")
 
 
 def qwen2_5_0_5b(**overrides) -> ModelConfig:
     """Qwen2.5-0.5B (base): tied embeddings, q/k/v biases."""
-    return ModelConfig(
+    return _build(overrides,
         model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
         rms_norm_eps=1e-6, max_position_embeddings=32768, rope_theta=1e6,
         tie_word_embeddings=True, attention_bias=True, bos_token_id=151643,
-        eos_token_id=(151643,), **overrides)
+        eos_token_id=(151643,))
 
 
 def qwen2_5_1_5b(**overrides) -> ModelConfig:
     """Qwen2.5-1.5B (base): tied embeddings, q/k/v biases."""
-    return ModelConfig(
+    return _build(overrides,
         model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
         rms_norm_eps=1e-6, max_position_embeddings=131072, rope_theta=1e6,
         tie_word_embeddings=True, attention_bias=True, bos_token_id=151643,
-        eos_token_id=(151643,), **overrides)
+        eos_token_id=(151643,))
 
 
 def r1_distill_qwen_1_5b(**overrides) -> ModelConfig:
@@ -424,14 +428,14 @@ def r1_distill_qwen_1_5b(**overrides) -> ModelConfig:
 
 def llama3_1_8b(**overrides) -> ModelConfig:
     """Llama 3.1 8B (and DeepSeek-R1-Distill-Llama-8B, the same architecture)."""
-    return ModelConfig(
+    return _build(overrides,
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
         rms_norm_eps=1e-5, max_position_embeddings=131072, rope_theta=500000.0,
         rope_scaling=RopeScaling("llama3", factor=8.0, original_max_position_embeddings=8192,
                                  low_freq_factor=1.0, high_freq_factor=4.0),
         bos_token_id=128000, eos_token_id=(128001, 128008, 128009), dtype="bfloat16",
-        param_dtype="bfloat16", **overrides)
+        param_dtype="bfloat16")
 
 
 r1_distill_llama_8b = llama3_1_8b

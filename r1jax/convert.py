@@ -202,6 +202,12 @@ class Source:
     def item_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape[(self.layers is not None) + (self.experts is not None):]
 
+    def hf_shape(self, item_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the HF tensor must have for an r1jax item of `item_shape`."""
+        if self.last_axis is not None:  # the HF tensor holds both slices: not checkable alone
+            return ()
+        return self.to_hf(np.empty(item_shape, np.int8)).shape
+
     def to_ours(self, hf: np.ndarray, item_shape: tuple[int, ...]) -> np.ndarray:
         x = hf.T if self.transpose else hf
         if self.last_axis is not None:
@@ -308,7 +314,10 @@ def read_config(path: os.PathLike) -> tuple[dict, ModelConfig]:
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-    return hf, configs.from_hf_config(hf)
+    try:
+        return hf, configs.from_hf_config(hf)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
 def load_hf(path: os.PathLike, dtype=jnp.float32, mesh=None, rules=None,
@@ -321,8 +330,7 @@ def load_hf(path: os.PathLike, dtype=jnp.float32, mesh=None, rules=None,
     unreadable tensor.
     """
     hf, _ = read_config(path)
-    dtype_name = jnp.dtype(dtype).name
-    cfg = configs.from_hf_config(hf, param_dtype=dtype_name, **config_overrides)
+    cfg = configs.from_hf_config(hf, param_dtype=jnp.dtype(dtype).name, **config_overrides)
     folder = HFFolder(path)
     mtp_present = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in folder
     with_mtp = with_mtp and cfg.num_nextn_predict_layers > 0 and mtp_present
@@ -370,12 +378,15 @@ def _check_names(folder: HFFolder, cfg: ModelConfig, sources: dict[str, Source],
 def _read_item(folder: HFFolder, src: Source, layer, expert, item_shape, block, leaf: str):
     name = src.name(layer, expert)
     hf = folder.get(name, block)
+    expected = src.hf_shape(item_shape)
     try:
+        if expected and tuple(hf.shape) != expected:
+            raise ValueError
         return src.to_ours(hf, item_shape)
     except ValueError:
-        raise CheckpointError(f"{folder.path}: tensor {name!r} has shape {list(hf.shape)}, which does "
-                              f"not fit r1jax {leaf} (per-item shape {list(item_shape)}) for this "
-                              "config.json") from None
+        want = f"expected {list(expected)}" if expected else f"r1jax item shape {list(item_shape)}"
+        raise CheckpointError(f"{folder.path}: tensor {name!r} has shape {list(hf.shape)}; {want} "
+                              f"for {leaf} with this config.json") from None
 
 
 def _load_leaf(folder, src: Source, info: shd.ArrayInfo, leaf: str, block, mesh_rules):

@@ -76,10 +76,14 @@ class ShardingRules:
         for logical, _ in self.rules:
             if logical not in LOGICAL_AXES:
                 raise ValueError(f"ShardingRules: unknown logical axis {logical!r}; known: {LOGICAL_AXES}")
-        for _, mesh_axes in self.rules:
-            for axis in _as_tuple(mesh_axes):
+        for logical, mesh_axes in self.rules:
+            axes = _as_tuple(mesh_axes)
+            for axis in axes:
                 if axis not in MESH_AXES:
                     raise ValueError(f"ShardingRules: unknown mesh axis {axis!r}; mesh axes are {MESH_AXES}")
+            if len(set(axes)) != len(axes):
+                raise ValueError(f"ShardingRules: logical axis {logical!r} maps mesh axis "
+                                 f"{axes} with a repeat; each mesh axis may appear once")
 
     def mesh_axes(self, logical: Optional[str]) -> MeshAxes:
         return dict(self.rules).get(logical) if logical else None
@@ -246,9 +250,10 @@ def shardings(tree, mesh_rules: MeshRules):
     return jax.tree.map(lambda s: s.sharding, abstract(tree, mesh_rules))
 
 
-def initialize(tree, key: jax.Array, mesh_rules: Optional[MeshRules] = None):
-    """Random arrays for every declaration; each leaf's key is folded from its position,
-    so a weight's values do not depend on the mesh."""
+def initializer(tree, mesh_rules: Optional[MeshRules] = None) -> Callable[[jax.Array], Any]:
+    """A jitted `key -> arrays` for every declaration; each leaf's key is folded from its
+    position, so a weight's values do not depend on the mesh. Build it once and reuse it:
+    each new initializer compiles anew."""
     leaves, treedef = jax.tree.flatten(tree, is_leaf=is_info)
 
     def build(key):
@@ -257,7 +262,7 @@ def initialize(tree, key: jax.Array, mesh_rules: Optional[MeshRules] = None):
         return jax.tree.unflatten(treedef, arrays)
 
     out_shardings = shardings(tree, mesh_rules) if mesh_rules is not None else None
-    return jax.jit(build, out_shardings=out_shardings)(key)
+    return jax.jit(build, out_shardings=out_shardings)
 
 
 def count(tree) -> int:

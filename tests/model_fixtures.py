@@ -52,7 +52,8 @@ def random_params(cfg, seed: int, with_mtp: bool = True):
 
     def draw(path, info):
         name = jax.tree_util.keystr(path, simple=True, separator=".")
-        dims = [n for n, ax in zip(info.shape, info.logical_axes) if ax not in ("layers", "experts")]
+        dims = [n for n, ax in zip(info.shape, info.logical_axes)
+                if ax not in ("layers", "experts")]
         leaf = name.rsplit(".", 1)[-1]
         if leaf.endswith("norm"):
             x = 1 + 0.2 * rng.standard_normal(info.shape)
@@ -79,10 +80,22 @@ def tiny_moe():
 
 
 @functools.lru_cache(maxsize=None)
+def _dense_init_fn():
+    # init_params jits a fresh closure per call, so every call recompiles (~5 s here);
+    # under one outer jit, calls with different keys share one compilation.
+    cfg = r1jax.configs.tiny_dense()
+    return jax.jit(lambda key: r1jax.init_params(key, cfg))
+
+
+def dense_init(key):
+    """`init_params(key, tiny_dense())`, compiled once per process."""
+    return _dense_init_fn()(key)
+
+
+@functools.lru_cache(maxsize=None)
 def tiny_dense():
     """tiny_dense() (Qwen2-shaped GQA, tied embeddings) with `init_params(key(0))`."""
-    cfg = r1jax.configs.tiny_dense()
-    return cfg, r1jax.init_params(jax.random.key(0), cfg)
+    return r1jax.configs.tiny_dense(), dense_init(jax.random.key(0))
 
 
 def random_tokens(seed: int, shape=(B, T), vocab: int = 256) -> jax.Array:

@@ -34,7 +34,8 @@ def test_reads_both_rope_spellings():
     # the same with a theta that is not the default, to see it is read from each place
     new["rope_parameters"] = {**params, "rope_theta": 50000.0}
     old["rope_theta"] = 50000.0
-    assert configs.from_hf_config(new).rope_theta == configs.from_hf_config(old).rope_theta == 50000.0
+    assert configs.from_hf_config(new).rope_theta == 50000.0
+    assert configs.from_hf_config(old).rope_theta == 50000.0
 
 
 def test_reads_fixture_configs():
@@ -74,8 +75,7 @@ def test_reads_fixture_configs():
     (dict(rms_norm_eps=0.0), "rms_norm_eps"),
 ])
 def test_invalid_moe_config_names_the_field(changes, field):
-    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={changes[field]!r}" if field in changes
-                       else field):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={changes[field]!r}"):
         configs.tiny_moe(**changes)
 
 
@@ -113,14 +113,7 @@ def test_config_is_frozen_and_hashable():
     assert configs.tiny_moe(eos_token_id=5).eos_token_id == (5,)
 
 
-_PRESET_BUG = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="library bug: presets pass fixed keyword arguments and **overrides to ModelConfig, "
-           "so overriding a field the preset sets raises TypeError (see the report)")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_PRESET_BUG) if n == "r1_distill_qwen_1_5b"
-                                  else n for n in sorted(configs.PRESETS)])
+@pytest.mark.parametrize("name", sorted(configs.PRESETS))
 def test_presets_construct_and_round_trip_through_hf_config(name):
     cfg = configs.preset(name)
     assert isinstance(cfg, ModelConfig)
@@ -133,7 +126,6 @@ def test_presets_construct_and_round_trip_through_hf_config(name):
     assert hf["architectures"] == [configs._ARCHITECTURES[cfg.model_type]]
 
 
-@_PRESET_BUG
 @pytest.mark.parametrize("name", ["deepseek_v3_671b", "qwen2_5_0_5b", "llama3_1_8b"])
 def test_preset_overrides_any_field(name):
     """`preset(name, field=value)` for command-line flags: overriding a field the preset
@@ -186,8 +178,8 @@ def test_yarn_attention_factor_with_unequal_mscales():
     lite = configs.deepseek_v2_lite_16b()
     assert rope.inverse_frequencies(lite)[1] == pytest.approx(1.0)
     assert lite.softmax_scale == pytest.approx(192 ** -0.5 * (0.0707 * math.log(40) + 1) ** 2)
-    cfg = lite.replace(rope_scaling=RopeScaling("yarn", factor=40.0, original_max_position_embeddings=4096,
-                                                mscale=1.0, mscale_all_dim=0.0))
+    cfg = lite.replace(rope_scaling=RopeScaling(
+        "yarn", factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=0.0))
     assert rope.inverse_frequencies(cfg)[1] == pytest.approx(0.1 * math.log(40) + 1)
     assert cfg.softmax_scale == pytest.approx(192 ** -0.5)
 

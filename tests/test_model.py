@@ -19,6 +19,7 @@ from r1jax.model import attention, mtp, rope, transformer
 from r1jax.model.cache import MLACache
 
 from model_fixtures import B, T, distinct_tokens, layer, max_abs_diff, random_tokens
+from model_fixtures import dense_init as _dense_init
 from model_fixtures import tiny_dense as _tiny_dense
 from model_fixtures import tiny_moe as _tiny_moe
 
@@ -65,7 +66,9 @@ def test_causality_by_gradient(model):
     def directional(params, tangents):
         def per_position(embed):
             out = r1jax.forward(dataclasses.replace(params, embed=embed), tokens, cfg)
-            heads = [out.logits @ probe] + ([] if out.mtp_logits is None else [out.mtp_logits @ probe])
+            heads = [out.logits @ probe]
+            if out.mtp_logits is not None:
+                heads.append(out.mtp_logits @ probe)
             return jnp.stack(heads)  # [heads, b, t]
         return jax.vmap(lambda tan: jax.jvp(per_position, (params.embed,), (tan,))[1])(tangents)
 
@@ -93,7 +96,8 @@ def test_later_tokens_do_not_change_earlier_logits(model):
     np.testing.assert_array_equal(np.asarray(a.logits[:, :7]), np.asarray(b.logits[:, :7]))
     assert max_abs_diff(a.logits[:, 7:], b.logits[:, 7:]) > 1e-3  # the change is seen later
     if a.mtp_logits is not None:  # MTP at i reads token i + 1
-        np.testing.assert_array_equal(np.asarray(a.mtp_logits[:, :6]), np.asarray(b.mtp_logits[:, :6]))
+        np.testing.assert_array_equal(np.asarray(a.mtp_logits[:, :6]),
+                                      np.asarray(b.mtp_logits[:, :6]))
         assert max_abs_diff(a.mtp_logits[:, 6], b.mtp_logits[:, 6]) > 1e-3
 
 
@@ -269,13 +273,14 @@ def test_mtp_logits_shape_and_loss():
 # Init -----------------------------------------------------------------------------------
 
 def test_seed_determinism(dense_on_mesh):
-    """Same key: identical values (here even on an 8-device mesh against one device);
-    another key: every randomly drawn weight differs."""
+    """Same key: identical values (twice on one device, and on an 8-device mesh against
+    one device); another key: every randomly drawn weight differs."""
     cfg, params = _tiny_dense()
-    other = r1jax.init_params(jax.random.key(1), cfg)
+    again, other = _dense_init(jax.random.key(0)), _dense_init(jax.random.key(1))
     random_leaves = 0
-    for a, b, c in zip(jax.tree.leaves(params), jax.tree.leaves(dense_on_mesh), jax.tree.leaves(other)):
+    for a, b, m, c in zip(*(jax.tree.leaves(t) for t in (params, again, dense_on_mesh, other))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(m))
         if np.ptp(np.asarray(a)) > 0:  # drawn at random (not a ones/zeros init)
             random_leaves += 1
             assert not np.any(np.asarray(a) == np.asarray(c))
@@ -307,7 +312,8 @@ def test_init_shapes_of_moe_model():
     assert shapes.moe_layers.mlp.gate.shape == (cfg.num_moe_layers, e, d, f)
     assert shapes.moe_layers.mlp.down.shape == (cfg.num_moe_layers, e, f, d)
     assert shapes.moe_layers.mlp.router_bias.dtype == jnp.float32
-    assert shapes.dense_layers.mlp.gate.shape == (cfg.first_k_dense_replace, d, cfg.intermediate_size)
+    dense_gate = (cfg.first_k_dense_replace, d, cfg.intermediate_size)
+    assert shapes.dense_layers.mlp.gate.shape == dense_gate
     assert shapes.mtp.eh_proj.shape == (2 * d, d)
     assert shapes.mtp.block.mlp.gate.shape == (e, d, f)  # the MTP block is a MoE block
     assert jax.tree.structure(shapes) == jax.tree.structure(_tiny_moe()[1])
@@ -359,8 +365,9 @@ def test_remat_gives_same_gradients():
     def loss(params, cfg):
         return next_token_loss(r1jax.forward(params, tokens, cfg).logits, tokens)
 
-    grad = jax.jit(jax.grad(loss), static_argnums=1)
-    g0, g1 = grad(params, cfg), grad(params, cfg.replace(remat=True))
+    # one jit for both: XLA compiles the pair in about the time of one
+    both = jax.jit(lambda p: (jax.grad(loss)(p, cfg), jax.grad(loss)(p, cfg.replace(remat=True))))
+    g0, g1 = both(params)
     paths = jax.tree_util.tree_flatten_with_path(g0)[0]
     for (path, a), b in zip(paths, jax.tree.leaves(g1)):
         assert float(jnp.abs(a).max()) > 0, jax.tree_util.keystr(path)

@@ -131,6 +131,18 @@ def _dense_reference(x, experts, weights, gate, up, down):
     return jnp.einsum("ne,end->nd", mix, y_e, precision=hp)
 
 
+def _np_reference(x, experts, weights, gate, up, down):
+    """The same in float64 numpy, token by token, expert by expert (no compilation)."""
+    x, gate, up, down = (np.asarray(a, np.float64) for a in (x, gate, up, down))
+    experts, weights = np.asarray(experts), np.asarray(weights, np.float64)
+    y = np.zeros_like(x)
+    for i in range(x.shape[0]):
+        for j, e in enumerate(experts[i]):
+            g, u = x[i] @ gate[e], x[i] @ up[e]
+            y[i] += weights[i, j] * ((g / (1 + np.exp(-g)) * u) @ down[e])
+    return y
+
+
 def _case(n, k, e, d, f, assign, seed=0):
     rng = np.random.default_rng(seed)
     if assign == "random":
@@ -147,7 +159,8 @@ def _case(n, k, e, d, f, assign, seed=0):
         raise ValueError(assign)
     arrays = dict(
         x=rng.standard_normal((n, d)), experts=experts, weights=rng.uniform(0.1, 1.0, (n, k)),
-        gate=rng.standard_normal((e, d, f)) / np.sqrt(d), up=rng.standard_normal((e, d, f)) / np.sqrt(d),
+        gate=rng.standard_normal((e, d, f)) / np.sqrt(d),
+        up=rng.standard_normal((e, d, f)) / np.sqrt(d),
         down=rng.standard_normal((e, f, d)) / np.sqrt(f))
     return {name: jnp.asarray(a, jnp.int32 if name == "experts" else jnp.float32)
             for name, a in arrays.items()}
@@ -162,7 +175,7 @@ _ragged = jax.jit(moe.expert_ffn_ragged)
 def test_dispatch_equals_dense_reference(assign, block):
     c = _case(n=37, k=2, e=8, d=16, f=24, assign=assign)  # 74 rows: not a multiple of a block
     args = (c["x"], c["experts"], c["weights"], c["gate"], c["up"], c["down"])
-    want = jax.jit(_dense_reference)(*args)
+    want = _np_reference(*args)
     got, load = _blocks(*args, block)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(load, np.bincount(np.asarray(c["experts"]).ravel(), minlength=8))
@@ -254,18 +267,33 @@ def test_moe_layer_reports_load_and_balance():
     assert experts.shape == (2, 5, 3)
     np.testing.assert_array_equal(stats.load, np.bincount(experts.ravel(), minlength=e))
     assert int(stats.load.sum()) == 2 * 5 * 3
-    # output = dense reference over routed experts + shared expert
-    xs = x.reshape(10, d)
-    _, weights, scores = _route(xs, w, cfg, jnp.asarray(experts.reshape(10, 3)))
-    want = jax.jit(_dense_reference)(xs, jnp.asarray(experts.reshape(10, 3)), weights, w.gate,
-                                     w.up, w.down)
-    shared = (jax.nn.silu(np.asarray(xs) @ w.shared.gate) * (np.asarray(xs) @ w.shared.up)) @ w.shared.down
-    np.testing.assert_allclose(y.reshape(10, d), want + shared, atol=1e-5)
-    want_balance = _balance(scores.reshape(2, 5, e), stats.experts, cfg)
-    assert abs(float(stats.balance_loss) - float(want_balance)) < 1e-7 and float(want_balance) > 0
+    # output, by hand: sigmoid router scores, chosen experts' weights renormalised * 2.5,
+    # routed experts + the shared expert
+    xs = np.asarray(x, np.float64).reshape(10, d)
+    chosen = experts.reshape(10, 3)
+    scores = 1 / (1 + np.exp(-(xs @ np.asarray(w.router, np.float64))))
+    picked = np.take_along_axis(scores, chosen, -1)
+    weights = picked / picked.sum(-1, keepdims=True) * cfg.routed_scaling_factor
+    sg, su, sd = (np.asarray(a, np.float64) for a in (w.shared.gate, w.shared.up, w.shared.down))
+    shared = ((xs @ sg) / (1 + np.exp(-(xs @ sg))) * (xs @ su)) @ sd
+    want = _np_reference(xs, chosen, weights, w.gate, w.up, w.down) + shared
+    np.testing.assert_allclose(y.reshape(10, d), want, atol=1e-5)
+    # the chosen experts are the top 3 of score + bias inside the best 2 groups of 2
+    biased = scores + np.asarray(w.router_bias, np.float64)
+    for row, c in zip(biased, chosen):
+        groups = np.sort(row.reshape(4, 2), -1)[:, -2:].sum(-1)
+        keep = np.argsort(groups)[-2:]
+        allowed = np.concatenate([np.arange(2 * g, 2 * g + 2) for g in keep])
+        best = allowed[np.argsort(row[allowed])[-3:]]
+        assert set(best.tolist()) == set(c.tolist())
+    # balance loss: alpha * mean over rows of sum_i (E / (K T) * count_i) * mean_t(s_i / sum s)
+    counts = np.stack([np.bincount(row.ravel(), minlength=e) for row in experts])  # [b, e]
+    p_mean = (scores / scores.sum(-1, keepdims=True)).reshape(2, 5, e).mean(1)
+    want_balance = 0.01 * np.mean(np.sum(counts * e / (3 * 5) * p_mean, -1))
+    assert abs(float(stats.balance_loss) - want_balance) < 1e-6 * want_balance
 
     # the same layer in bfloat16: routing still in float32 (same experts here), output close
-    bf = jax.tree.map(lambda a: a if a.dtype == jnp.float32 and a.ndim == 1 else a.astype(jnp.bfloat16), w)
+    bf = jax.tree.map(lambda a: a if a.ndim == 1 else a.astype(jnp.bfloat16), w)
     assert bf.router_bias.dtype == jnp.float32 and bf.gate.dtype == jnp.bfloat16
     y_bf, stats_bf = jax.jit(moe.moe, static_argnums=2)(
         bf, x.astype(jnp.bfloat16), cfg.replace(dtype="bfloat16", param_dtype="bfloat16"))
@@ -275,6 +303,13 @@ def test_moe_layer_reports_load_and_balance():
 
 
 # Cost ---------------------------------------------------------------------------------------
+
+def _dispatch_shapes(n, k, e, d, f):
+    """Abstract (x, experts, weights, gate, up, down) for n tokens, top-k, e experts."""
+    s = jax.ShapeDtypeStruct
+    return (s((n, d), jnp.float32), s((n, k), jnp.int32), s((n, k), jnp.float32),
+            s((e, d, f), jnp.float32), s((e, d, f), jnp.float32), s((e, f, d), jnp.float32))
+
 
 def _dot_flops(jaxpr) -> float:
     """Worst-case FLOPs of every dot_general in a jaxpr, through nested jaxprs: a scan
@@ -313,9 +348,7 @@ def test_block_dispatch_cost_does_not_grow_with_experts():
     n, k, d, f = 512, 2, 64, 64
     flops, dense = {}, {}
     for e in (8, 64, 256):
-        args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, k), jnp.int32),
-                jax.ShapeDtypeStruct((n, k), jnp.float32), jax.ShapeDtypeStruct((e, d, f), jnp.float32),
-                jax.ShapeDtypeStruct((e, d, f), jnp.float32), jax.ShapeDtypeStruct((e, f, d), jnp.float32))
+        args = _dispatch_shapes(n, k, e, d, f)
         block = moe.block_size(n * k, e)
         jaxpr = jax.make_jaxpr(lambda *a: moe.expert_ffn_blocks(*a, block))(*args).jaxpr
         flops[e] = _dot_flops(jaxpr)
@@ -333,9 +366,7 @@ def test_ragged_dot_cost_grows_with_experts_on_cpu():
     n, k, d, f = 512, 2, 64, 64
     flops = {}
     for e in (8, 64):
-        args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n, k), jnp.int32),
-                jax.ShapeDtypeStruct((n, k), jnp.float32), jax.ShapeDtypeStruct((e, d, f), jnp.float32),
-                jax.ShapeDtypeStruct((e, d, f), jnp.float32), jax.ShapeDtypeStruct((e, f, d), jnp.float32))
+        args = _dispatch_shapes(n, k, e, d, f)
         cost = jax.jit(moe.expert_ffn_ragged).lower(*args).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops[e] = cost["flops"]

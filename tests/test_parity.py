@@ -64,7 +64,8 @@ def test_logits(name, outputs):
 def test_hidden_states(name, outputs):
     cfg, _, fx = fixture(name)
     hidden = outputs(name).aux["hidden"]
-    assert hidden.shape == (cfg.num_hidden_layers + 1, *fx["forward_input_ids"].shape, cfg.hidden_size)
+    b, t = fx["forward_input_ids"].shape
+    assert hidden.shape == (cfg.num_hidden_layers + 1, b, t, cfg.hidden_size)
     for i in range(cfg.num_hidden_layers + 1):
         err = max_abs_diff(hidden[i], fx["forward_hidden"][i])
         assert err < 1e-5, f"{name}: hidden state {i} differs by {err:.3g}"

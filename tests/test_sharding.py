@@ -66,7 +66,8 @@ def test_indivisible_dimension_names_axis_and_dimension():
     """tiny_dense has 2 key/value heads: they cannot be split 4 ways over `tensor`."""
     cfg = r1jax.configs.tiny_dense()
     mesh = r1jax.make_mesh("tensor=4,fsdp=2")
-    with pytest.raises(ValueError, match=r"attn\.k.*dimension 2 has size 2.*mesh axis tensor of size 4"):
+    with pytest.raises(ValueError,
+                       match=r"attn\.k.*dimension 2 has size 2.*mesh axis tensor of size 4"):
         r1jax.init_params(jax.random.key(0), cfg, mesh=mesh)
     with pytest.raises(ValueError, match=r"tensor of size 4"):
         r1jax.abstract_params(cfg, mesh)
@@ -96,7 +97,8 @@ def test_array_info_and_count():
     with pytest.raises(ValueError, match="different ranks"):
         shd.ArrayInfo((2, 3), jnp.float32, ("embed",), shd.zeros_init)
     tree = {"a": shd.ArrayInfo((2, 3), jnp.float32, ("embed", "mlp"), shd.zeros_init),
-            "b": shd.stack_infos({"c": shd.ArrayInfo((5,), jnp.float32, ("embed",), shd.ones_init)}, 4)}
+            "b": shd.stack_infos({"c": shd.ArrayInfo((5,), jnp.float32, ("embed",), shd.ones_init)},
+                                 4)}
     assert shd.count(tree) == 6 + 20
     assert tree["b"]["c"].shape == (4, 5) and tree["b"]["c"].logical_axes == ("layers", "embed")
 

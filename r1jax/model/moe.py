@@ -49,6 +49,7 @@ class MoEStats:
     load: jax.Array  # [e] int32: tokens routed to each expert
     balance_loss: jax.Array  # [] float32: sequence-wise balance loss, already times alpha
     experts: jax.Array  # [b, t, k] int32: the experts chosen per token (for routing replay)
+    weights: jax.Array  # [b, t, k] float32: the gate weight of each chosen expert
 
 
 def mlp_infos(cfg: ModelConfig, hidden: int) -> MLPWeights:
@@ -225,4 +226,4 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     experts_btk = experts.reshape(b, t, -1)
     balance = (sequence_balance_loss(scores.reshape(b, t, -1), experts_btk, cfg)
                if cfg.aux_loss_alpha else jnp.zeros((), jnp.float32))
-    return y.reshape(b, t, d), MoEStats(load, balance, experts_btk)
+    return y.reshape(b, t, d), MoEStats(load, balance, experts_btk, weights.reshape(b, t, -1))

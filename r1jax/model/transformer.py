@@ -49,8 +49,9 @@ class Params:
 @dataclasses.dataclass
 class ModelOutput:
     """logits [b, t, v] float32; mtp_logits [b, t, v] (position i predicts token i + 2) or
-    None; aux: dict of `expert_load` [l_moe, e], `balance_loss` [], `experts`
-    [l_moe, b, t, k], `hidden` [l + 1, b, t, d] (when asked), `mtp_hidden`; cache."""
+    None; aux: dict of `expert_load` [l_moe, e], `balance_loss` [], `experts` and
+    `expert_weights` [l_moe, b, t, k], `hidden` [l + 1, b, t, d] (when asked),
+    `final_hidden` [b, t, d] (before the final norm), `mtp_hidden`; cache."""
 
     logits: jax.Array
     mtp_logits: Optional[jax.Array]
@@ -107,7 +108,12 @@ def param_shardings(cfg: ModelConfig, mesh, rules=None, with_mtp: bool = True) -
 def init_params(key: jax.Array, cfg: ModelConfig, mesh=None, rules=None,
                 with_mtp: bool = True) -> Params:
     """Random parameters, created directly in their shardings when a mesh is given."""
-    return shd.initialize(param_infos(cfg, with_mtp), key, _mesh_rules(mesh, rules))
+    return _initializer(cfg, with_mtp, _mesh_rules(mesh, rules))(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(cfg: ModelConfig, with_mtp: bool, mesh_rules: Optional[MeshRules]):
+    return shd.initializer(param_infos(cfg, with_mtp), mesh_rules)
 
 
 def param_count(cfg: ModelConfig, with_mtp: bool = False) -> int:
@@ -215,7 +221,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
             hidden.append(hs)
         if isinstance(stats, MoEStats):
             aux.update(expert_load=stats.load, balance_loss=stats.balance_loss.sum(),
-                       experts=stats.experts)
+                       experts=stats.experts, expert_weights=stats.weights)
     if return_hidden:
         aux["hidden"] = jnp.concatenate(hidden, axis=0)
     h_final = h
