@@ -113,9 +113,10 @@ def dense():
 
 @pytest.fixture(scope="module")
 def moe16():
-    """tiny_moe (MLA, MoE, an MTP module) with a 16-token vocabulary: drafts get accepted
-    often, and distributions over tokens are small enough for a chi-square test. (One
-    MoE model for the whole file: every distinct config compiles everything anew.)"""
+    """tiny_moe (MLA, MoE, an MTP module) with a 16-token vocabulary: sampled drafts get
+    accepted about half the time, and distributions over tokens are small enough for a
+    chi-square test. One MoE model serves the whole file: each config compiles anew, and
+    initialising tiny_moe alone costs ~15 s of compile."""
     cfg = r1jax.configs.tiny_moe(vocab_size=16)
     return cfg, r1jax.init_params(jax.random.key(0), cfg)
 
@@ -214,7 +215,7 @@ def test_mla_cache_holds_latent_and_rope_key_only():
 # ----------------------------------------------------------------------------- 4./5. temperature, top-k, top-p
 
 TOPK = SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=5)
-TOPP = SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.8)
+TOPP = SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.5)
 BATCH = 64
 KEYS = (1, 2, 3)
 
@@ -275,11 +276,13 @@ def test_logprobs_equal_forward_logprobs_before_truncation(truncated, name):
         # and by hand: log softmax(logits / T)[token], untruncated
         np.testing.assert_allclose(lp, gather(log_softmax(logits / scfg.temperature), tokens),
                                    atol=1e-5, rtol=0)
-        # not the log-prob renormalised over the kept tokens (which is visibly larger)
+        # not the log-prob renormalised over the kept tokens, larger by -log(kept mass)
         z = logits / scfg.temperature
-        kept = np.where(allowed_sets(logits, scfg), z, -np.inf)
-        renorm = gather(log_softmax(kept), tokens)
-        assert np.all(renorm - lp > 0.05), (renorm - lp).min()
+        allowed = allowed_sets(logits, scfg)
+        renorm = gather(log_softmax(np.where(allowed, z, -np.inf)), tokens)
+        visible = (np.exp(log_softmax(z)) * allowed).sum(-1) < 0.9  # renorm - lp > 0.105
+        assert visible.mean() > 0.5
+        assert (renorm - lp)[visible].min() > 0.1
 
 
 @pytest.mark.parametrize("name", ["top_k", "top_p"])
@@ -293,15 +296,20 @@ def test_truncated_sampling_stays_in_allowed_set(truncated, name):
         assert not bad.any(), f"{bad.sum()} tokens outside the {name} set, e.g. at {np.argwhere(bad)[0]}"
         probs = np.exp(log_softmax(logits / scfg.temperature))
         outside_mass += (probs * ~allowed).sum()
-        # the least likely kept token must still be drawn: no over-truncation
+        # the least likely kept token (where more than one is kept) is drawn as often as
+        # the renormalised distribution says: the filter does not cut one token too many
         z = np.where(allowed, logits, np.inf)
         last = np.argmin(z, -1)
-        emitted_last_kept += (tokens == last).sum()
-        expected_last_kept += (gather(probs, last) / (probs * allowed).sum(-1)).sum()
+        several = allowed.sum(-1) > 1
+        emitted_last_kept += ((tokens == last) & several).sum()
+        expected_last_kept += (gather(probs, last) / (probs * allowed).sum(-1))[several].sum()
+    print(f"{name}: least likely kept token drawn {emitted_last_kept} times, "
+          f"expected {expected_last_kept:.1f}")
+    assert expected_last_kept > 30  # power
+    # a sum of independent Bernoulli draws: variance <= mean
+    assert abs(emitted_last_kept - expected_last_kept) < 4 * np.sqrt(expected_last_kept)
     # power: untruncated sampling would have left the set this many times
     assert outside_mass > 200, outside_mass
-    if expected_last_kept > 20:
-        assert emitted_last_kept > 0, expected_last_kept
 
 
 def test_same_key_same_samples_different_key_different(truncated, dense):
@@ -312,6 +320,7 @@ def test_same_key_same_samples_different_key_different(truncated, dense):
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(runs[0][0].tokens))
     np.testing.assert_array_equal(np.asarray(again.logprobs), np.asarray(runs[0][0].logprobs))
     a, b = np.asarray(runs[0][0].tokens), np.asarray(runs[1][0].tokens)
+    print(f"different keys: {(a != b).mean():.2f} of tokens differ")
     assert (a != b).mean() > 0.5  # different keys: mostly different draws
     # rows of one call are independent draws: rows i and i + 32 share their prompt
     half = BATCH // 2

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from r1jax.configs import ModelConfig
 from r1jax.model.cache import GQACache, MLACache, write_rows
-from r1jax.model.layers import rms_norm
+from r1jax.model.layers import linear, rms_norm
 from r1jax.model.rope import apply_rope
 from r1jax.sharding import ArrayInfo, fan_in_init, ones_init, zeros_init
 
@@ -113,13 +113,13 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
     dt = x_btd.dtype
     h, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
     if w.q_a is not None:
-        q_lat = rms_norm(jnp.einsum("btd,dq->btq", x_btd, w.q_a.astype(dt)), w.q_a_norm, LATENT_NORM_EPS)
-        q_btnk = jnp.einsum("btq,qnk->btnk", q_lat, w.q_b.astype(dt))
+        q_lat = rms_norm(linear(x_btd, w.q_a), w.q_a_norm, LATENT_NORM_EPS)
+        q_btnk = linear(q_lat, w.q_b)
     else:
-        q_btnk = jnp.einsum("btd,dnk->btnk", x_btd, w.q_b.astype(dt))
+        q_btnk = linear(x_btd, w.q_b)
     q_nope, q_rope = q_btnk[..., :h], apply_rope(q_btnk[..., h:], cos, sin, cfg.rope_interleave)
 
-    kv_btk = jnp.einsum("btd,dk->btk", x_btd, w.kv_a.astype(dt))
+    kv_btk = linear(x_btd, w.kv_a)
     latent_btc = rms_norm(kv_btk[..., :c], w.kv_a_norm, LATENT_NORM_EPS)
     k_rope_btr = apply_rope(kv_btk[..., c:], cos, sin, cfg.rope_interleave)
 
@@ -141,12 +141,12 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
         out_lat_btnc = jnp.einsum("bnts,bsc->btnc", probs, latent_bsc)
         out_btno = jnp.einsum("btnc,cno->btno", out_lat_btnc, w.v_b.astype(dt))
     else:
-        k_nope_bsnh = jnp.einsum("bsc,cnh->bsnh", latent_bsc, w.k_b.astype(dt))
-        v_bsno = jnp.einsum("bsc,cno->bsno", latent_bsc, w.v_b.astype(dt))
+        k_nope_bsnh = linear(latent_bsc, w.k_b)
+        v_bsno = linear(latent_bsc, w.v_b)
         scores = _f32_einsum("btnh,bsnh->bnts", q_nope, k_nope_bsnh) + rope_scores
         probs = _softmax(scores, mask_bts, cfg.softmax_scale).astype(dt)
         out_btno = jnp.einsum("bnts,bsno->btno", probs, v_bsno)
-    return jnp.einsum("btno,nod->btd", out_btno, w.o.astype(dt)), cache
+    return linear(out_btno, w.o, in_axes=2), cache
 
 
 def gqa(w: GQAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
@@ -157,9 +157,7 @@ def gqa(w: GQAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
     Returns (output [b, t, d], updated cache or None).
     """
     dt = x_btd.dtype
-    q = jnp.einsum("btd,dnh->btnh", x_btd, w.q.astype(dt))
-    k = jnp.einsum("btd,dmh->btmh", x_btd, w.k.astype(dt))
-    v = jnp.einsum("btd,dmh->btmh", x_btd, w.v.astype(dt))
+    q, k, v = linear(x_btd, w.q), linear(x_btd, w.k), linear(x_btd, w.v)
     if w.q_bias is not None:
         q, k, v = q + w.q_bias.astype(dt), k + w.k_bias.astype(dt), v + w.v_bias.astype(dt)
     q = apply_rope(q, cos, sin, interleaved=False)
@@ -173,4 +171,4 @@ def gqa(w: GQAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
     scores = _f32_einsum("btmgh,bsmh->bmgts", q_btmgh, k).reshape(b, n, t, -1)
     probs = _softmax(scores, mask_bts, cfg.softmax_scale).astype(dt).reshape(b, m, n // m, t, -1)
     out = jnp.einsum("bmgts,bsmh->btmgh", probs, v).reshape(b, t, n, h)
-    return jnp.einsum("btnh,nhd->btd", out, w.o.astype(dt)), cache
+    return linear(out, w.o, in_axes=2), cache

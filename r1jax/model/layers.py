@@ -1,10 +1,24 @@
-"""Small building blocks: RMSNorm, SwiGLU, embedding lookup and output head."""
+"""Small building blocks: projections, RMSNorm, SwiGLU, embedding lookup and output head."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+
+def linear(x: jax.Array, w: jax.Array, in_axes: int = 1) -> jax.Array:
+    """Projection x [..., *w.shape[:in_axes]] -> [..., *w.shape[in_axes:]] as one 2-D matmul.
+
+    Equivalent to an einsum over the leading weight axes, but flattened on purpose: XLA
+    on CPU compiles the backward pass of multi-axis and `...` contractions into fused
+    loops about 2.7x slower than plain matrix products (measured on a SwiGLU block).
+    """
+    in_shape, out_shape = w.shape[:in_axes], w.shape[in_axes:]
+    lead = x.shape[:x.ndim - in_axes]
+    y = jnp.dot(x.reshape(-1, math.prod(in_shape)), w.reshape(math.prod(in_shape), -1).astype(x.dtype))
+    return y.reshape(*lead, *out_shape)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -16,10 +30,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def swiglu(x_btd: jax.Array, gate_df: jax.Array, up_df: jax.Array, down_fd: jax.Array) -> jax.Array:
     """`down(silu(gate(x)) * up(x))` over the last axis: [..., d] -> [..., d]."""
-    dtype = x_btd.dtype
-    gate = jnp.einsum("...d,df->...f", x_btd, gate_df.astype(dtype))
-    up = jnp.einsum("...d,df->...f", x_btd, up_df.astype(dtype))
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, down_fd.astype(dtype))
+    return linear(jax.nn.silu(linear(x_btd, gate_df)) * linear(x_btd, up_df), down_fd)
 
 
 def embed(tokens_bt: jax.Array, table_vd: jax.Array, dtype) -> jax.Array:
@@ -31,5 +42,6 @@ def unembed(h_btd: jax.Array, lm_head_dv: Optional[jax.Array], table_vd: jax.Arr
     """Float32 logits [b, t, v]; a tied model (no `lm_head`) uses the embedding table."""
     h = h_btd.astype(jnp.float32)
     if lm_head_dv is None:
-        return jnp.einsum("btd,vd->btv", h, table_vd.astype(jnp.float32))
-    return jnp.einsum("btd,dv->btv", h, lm_head_dv.astype(jnp.float32))
+        b, t, d = h.shape
+        return jnp.dot(h.reshape(b * t, d), table_vd.astype(jnp.float32).T).reshape(b, t, -1)
+    return linear(h, lm_head_dv.astype(jnp.float32))

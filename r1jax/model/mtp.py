@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from r1jax.configs import ModelConfig
 from r1jax.losses import cross_entropy
-from r1jax.model.layers import embed, rms_norm, unembed
+from r1jax.model.layers import embed, linear, rms_norm, unembed
 from r1jax.sharding import ArrayInfo, fan_in_init, ones_init
 
 
@@ -52,7 +52,7 @@ def mtp_forward(w: MTPWeights, params, h_btd, next_tokens_bt, cos, sin, mask_bts
     """
     e = rms_norm(embed(next_tokens_bt, params.embed, h_btd.dtype), w.enorm, cfg.rms_norm_eps)
     hn = rms_norm(h_btd, w.hnorm, cfg.rms_norm_eps)
-    x = jnp.einsum("btk,kd->btd", jnp.concatenate([e, hn], axis=-1), w.eh_proj.astype(h_btd.dtype))
+    x = linear(jnp.concatenate([e, hn], axis=-1), w.eh_proj)
     if cache is not None:  # the MTP cache is stacked like the layer caches, with one layer
         cache = jax.tree.map(lambda a: a[0], cache)
     h, cache, stats = block_fn(w.block, x, cos, sin, mask_bts, cfg, cache, start_b, experts_btk,
