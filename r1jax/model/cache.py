@@ -2,8 +2,8 @@
 
 MLA caches only what the weight-absorbed decode path needs: the normalised key/value
 latent and the rotated shared RoPE key, `kv_lora_rank + qk_rope_head_dim` values per
-token per layer (576 for DeepSeek-V3, against 2 * 128 * 192 = 49,152 for full keys and
-values). GQA models cache keys and values per key/value head.
+token per layer (576 for DeepSeek-V3, against 128 * (192 + 128) = 40,960 for full keys
+and values). GQA models cache keys and values per key/value head.
 
 A cache holds one stack per layer group (the dense layers, the MoE layers, the MTP
 block), matching the stacked parameters, and `lengths[b]`: how many slots of each row

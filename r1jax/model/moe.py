@@ -162,20 +162,23 @@ def _sorted_pairs(experts_nk: jax.Array, num_experts: int):
 
 def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, block: int):
     """Sorted, block-padded grouped SwiGLU: compute is (n*k + experts*block) rows at most,
-    and only the occupied blocks run."""
+    and only the occupied blocks run. Pairs whose expert id is outside [0, e) are skipped
+    (no compute, zero output): expert parallelism marks pairs owned elsewhere that way."""
     n, k = experts_nk.shape
     e, d, _ = gate_edf.shape
     dt = x_nd.dtype
     rows = n * k
-    flat, order, sizes = _sorted_pairs(experts_nk, e)
+    skip = jnp.where((experts_nk >= 0) & (experts_nk < e), experts_nk, e)  # sorts last
+    flat, order, sizes = _sorted_pairs(skip, e)  # bincount(length=e) leaves out id e
     padded = (sizes + block - 1) // block * block
     padded_start = jnp.cumsum(padded) - padded
     start = jnp.cumsum(sizes) - sizes
     sorted_expert = flat[order]
     dest = padded_start[sorted_expert] + jnp.arange(rows) - start[sorted_expert]  # row in padded layout
     num_blocks = -(-rows // block) + min(e, rows)  # static bound on occupied blocks
+    dest = jnp.where(sorted_expert < e, dest, num_blocks * block)  # skipped pairs: out of range
     token = order // k
-    x_pad = jnp.zeros((num_blocks * block, d), dt).at[dest].set(x_nd[token])
+    x_pad = jnp.zeros((num_blocks * block, d), dt).at[dest].set(x_nd[token], mode="drop")
     block_start = jnp.arange(num_blocks) * block
     block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), e - 1)
     occupied = block_start < padded.sum()
@@ -191,7 +194,8 @@ def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, 
         return jax.lax.cond(used, compute, lambda: jnp.zeros_like(x_bd))
 
     y_pad = jax.lax.map(one_block, (x_pad.reshape(num_blocks, block, d), block_expert, occupied))
-    y_sorted = y_pad.reshape(-1, d)[dest] * weights_nk.reshape(-1)[order][:, None].astype(dt)
+    y_sorted = (y_pad.reshape(-1, d).at[dest].get(mode="fill", fill_value=0)
+                * weights_nk.reshape(-1)[order][:, None].astype(dt))
     return jnp.zeros((n, d), dt).at[token].add(y_sorted), sizes
 
 
@@ -210,13 +214,22 @@ def expert_ffn_ragged(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
 
 
 def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
-        experts_btk: Optional[jax.Array] = None) -> tuple[jax.Array, MoEStats]:
-    """Routed experts + shared experts: [b, t, d] -> ([b, t, d], MoEStats)."""
+        experts_btk: Optional[jax.Array] = None, mesh_rules=None) -> tuple[jax.Array, MoEStats]:
+    """Routed experts + shared experts: [b, t, d] -> ([b, t, d], MoEStats).
+
+    With a `mesh_rules` whose rules place `experts` on mesh axes of total size > 1, the
+    routed experts run expert-parallel (`r1jax.model.expert_parallel`); routing and the
+    shared experts stay in the sharded-jit world either way."""
+    from r1jax.model import expert_parallel  # imports this module
+
     b, t, d = x_btd.shape
     x_nd = x_btd.reshape(b * t, d)
     replay = None if experts_btk is None else experts_btk.reshape(b * t, -1)
     experts, weights, scores = route(x_nd, w, cfg, replay)
-    if cfg.moe_matmul == "ragged_dot":
+    if expert_parallel.enabled(cfg, mesh_rules):
+        y = expert_parallel.routed_experts(x_nd, experts, weights, w, cfg, mesh_rules)
+        load = jnp.bincount(experts.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
+    elif cfg.moe_matmul == "ragged_dot":
         y, load = expert_ffn_ragged(x_nd, experts, weights, w.gate, w.up, w.down)
     else:
         blk = cfg.moe_block_size or block_size(b * t * cfg.num_experts_per_tok, cfg.n_routed_experts)

@@ -138,7 +138,7 @@ def block(w: BlockWeights, h_btd, cos, sin, mask_bts, cfg: ModelConfig,
     x = rms_norm(h_btd, w.mlp_norm, cfg.rms_norm_eps)
     stats = None
     if isinstance(w.mlp, MoEWeights):
-        m, stats = moe(w.mlp, x, cfg, experts_btk)
+        m, stats = moe(w.mlp, x, cfg, experts_btk, mesh_rules)
     else:
         m = swiglu(x, w.mlp.gate, w.mlp.up, w.mlp.down)
     return constrain(h_btd + m, ("batch", "seq", "act_embed"), mesh_rules), cache, stats

@@ -1,0 +1,135 @@
+"""Expert parallelism for the routed experts of a DeepSeekMoE layer (`jax.shard_map`).
+
+The routed experts are split over the mesh axes that the rules give the logical axis
+`experts` (the presets: mesh axis `expert`); each device holds E / ep whole experts. The
+router and the shared experts stay outside, in the sharded-jit world; only the routed
+experts run inside `shard_map`, where the collective pattern is the point:
+
+1. all-gather the tokens over the expert axis: every device of an expert group sees the
+   group's ep * n tokens (x [n, d], the chosen expert ids [n, k] and gate weights [n, k]);
+2. each device runs the local grouped matmul (`moe.expert_ffn_blocks`) on the pairs
+   routed to *its* experts: pairs owned elsewhere get an out-of-range id, which the block
+   dispatch skips (no compute), and the weighted sum over a token's local experts;
+3. reduce-scatter (`psum_scatter`) over the expert axis returns to each device the sum
+   over all experts of its own tokens. With `expert_mlp` on `tensor` (default rules),
+   each device holds a slice of the hidden width of its experts, so the partial outputs
+   are also summed over `tensor`.
+
+Why all-gather + reduce-scatter rather than all-to-all: it is dropless with static shapes
+and no capacity factor, and a padded all-to-all of (token, expert) pairs would have to
+size every per-peer block for the worst case (all n * k local pairs to one peer), i.e.
+send ep * n * k rows -- k times the ep * n rows gathered here. A token crosses to each
+peer once however many of that peer's experts it chose. `jax.lax.ragged_all_to_all`
+(exact traffic) is not implemented by XLA:CPU, so it could not run in the tests here.
+Communication per MoE layer and device: all-gather ep * n * d activations, reduce-scatter
+the same; for DeepSeek-V3 (k = 8 routed experts per token) on ep = 8, that is the volume
+of an exact pair all-to-all.
+
+Memory (per device, per MoE layer while it runs; n = local tokens, k = experts per token,
+d = width, f_local = expert hidden width / tensor):
+  gathered tokens and outputs    2 * ep * n * d
+  the sorted, block-padded rows  2 * (ep * n * k + E_local * block) * d, plus
+                                 3 * (the same rows) * f_local for gate/up/hidden
+The padded-row buffers are sized for the worst case, every pair of the expert group
+routed to this device's experts (that is what dropless with static shapes costs); the
+compute only runs the occupied blocks, about n * k rows when the load is balanced.
+`python -m r1jax.plan` reports what the compiler allocates for a real configuration.
+
+The result equals the single-device `moe` up to float summation order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from r1jax.configs import ModelConfig
+from r1jax.model import moe as moe_lib
+from r1jax.sharding import MeshRules
+
+
+def _axes(mesh_rules: MeshRules, logical: str) -> tuple[str, ...]:
+    axes = mesh_rules.rules.mesh_axes(logical)
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _size(mesh_rules: MeshRules, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh_rules.mesh.shape[a] for a in axes)
+
+
+def expert_axes(mesh_rules: Optional[MeshRules]) -> tuple[str, ...]:
+    """The mesh axes that split the routed experts (empty without a mesh)."""
+    return () if mesh_rules is None else _axes(mesh_rules, "experts")
+
+
+def enabled(cfg: ModelConfig, mesh_rules: Optional[MeshRules]) -> bool:
+    """True when the routed experts are split over mesh axes of total size > 1."""
+    if mesh_rules is None or not cfg.n_routed_experts:
+        return False
+    ep = _size(mesh_rules, expert_axes(mesh_rules))
+    if ep > 1 and cfg.n_routed_experts % ep:
+        raise ValueError(f"expert parallelism: n_routed_experts={cfg.n_routed_experts} is not "
+                         f"divisible by mesh axis {'x'.join(expert_axes(mesh_rules))} of size {ep}")
+    return ep > 1
+
+
+def routed_experts(x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array,
+                   w: moe_lib.MoEWeights, cfg: ModelConfig, mesh_rules: MeshRules) -> jax.Array:
+    """sum_k weights[n, k] * expert_{experts[n, k]}(x[n]) -> [n, d], experts split over devices.
+
+    Rows are the tokens (laid out over the rules' `batch` axes); any n works (rows are
+    padded to a multiple of the batch shards and the padding routed nowhere).
+    """
+    mesh = mesh_rules.mesh
+    ep_axes = expert_axes(mesh_rules)
+    batch_axes = _axes(mesh_rules, "batch")
+    gather_axes = tuple(a for a in ep_axes if a in batch_axes)  # tokens differ along these
+    copy_axes = tuple(a for a in ep_axes if a not in batch_axes)  # tokens replicated along these
+    f = cfg.moe_intermediate_size
+    mlp_axes = tuple(a for a in _axes(mesh_rules, "expert_mlp") if a not in batch_axes)
+    if f % _size(mesh_rules, mlp_axes):
+        mlp_axes = ()  # the weights' own sharding check reports this; here: gather instead
+    e_local = cfg.n_routed_experts // _size(mesh_rules, ep_axes)
+    k = cfg.num_experts_per_tok
+    shards = _size(mesh_rules, batch_axes)
+
+    n = x_nd.shape[0]
+    pad = -n % shards
+    if pad:  # padding rows choose no expert (-1) and carry zero weight
+        x_nd = jnp.pad(x_nd, ((0, pad), (0, 0)))
+        experts_nk = jnp.pad(experts_nk, ((0, pad), (0, 0)), constant_values=-1)
+        weights_nk = jnp.pad(weights_nk, ((0, pad), (0, 0)))
+    n_local = (n + pad) // shards
+    block = cfg.moe_block_size or moe_lib.block_size(n_local * k, e_local)
+
+    def local(x, experts, weights, gate, up, down):
+        if gather_axes:
+            x, experts, weights = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True)
+                                   for a in (x, experts, weights))
+        index = 0  # this device's position along the expert axes (row-major, as sharded)
+        for axis in ep_axes:
+            index = index * mesh.shape[axis] + jax.lax.axis_index(axis)
+        ids = experts - index * e_local
+        ids = jnp.where((ids >= 0) & (ids < e_local), ids, e_local)  # elsewhere: skipped
+        y, _ = moe_lib.expert_ffn_blocks(x, ids, weights, gate, up, down, block)
+        if gather_axes:
+            y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
+        if copy_axes + mlp_axes:
+            y = jax.lax.psum(y, copy_axes + mlp_axes)
+        return y
+
+    rows = PartitionSpec(batch_axes or None, None)
+    ep = ep_axes if len(ep_axes) > 1 else ep_axes[0]
+    mlp = (mlp_axes if len(mlp_axes) > 1 else mlp_axes[0]) if mlp_axes else None
+    y = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(rows, rows, rows, PartitionSpec(ep, None, mlp), PartitionSpec(ep, None, mlp),
+                  PartitionSpec(ep, mlp, None)),
+        out_specs=rows, check_vma=False,
+    )(x_nd, experts_nk, weights_nk.astype(jnp.float32), w.gate, w.up, w.down)
+    return y[:n] if pad else y
