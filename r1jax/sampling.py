@@ -21,7 +21,9 @@ import numpy as np
 from r1jax.configs import ModelConfig
 from r1jax.losses import token_logprobs
 from r1jax.model import mtp as mtp_lib
+from r1jax.model.attention import attention_mask
 from r1jax.model.cache import KVCache, init_cache
+from r1jax.model.rope import rope_angles
 from r1jax.model.transformer import Params, block, forward
 from r1jax.sharding import MeshRules
 
@@ -151,6 +153,11 @@ def validate(cfg: ModelConfig, prompt_tokens, prompt_lengths, scfg: SamplingConf
                              "row needs at least one token")
         if lengths.max() > p:
             raise ValueError(f"sample: prompt_lengths has {int(lengths.max())} > prompt_tokens width {p}")
+    if not isinstance(prompt_tokens, jax.core.Tracer):
+        ids = np.asarray(prompt_tokens)
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"sample: prompt_tokens hold id {int(ids.min() if ids.min() < 0 else ids.max())} "
+                             f"outside the vocabulary [0, {cfg.vocab_size})")
     bad = [t for t in scfg.stop_token_ids if not 0 <= t < cfg.vocab_size]
     if bad:
         raise ValueError(f"SamplingConfig.stop_token_ids: {bad[0]} is outside the vocabulary "
@@ -174,6 +181,10 @@ def sample(params: Params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_le
     prompt_tokens [b, P] int32 (right-padded), prompt_lengths [b] int32 in 1..P.
     Returns `Samples` holding only generated tokens.
     """
+    if isinstance(prompt_tokens, (list, tuple)):
+        prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    if isinstance(prompt_lengths, (list, tuple)):
+        prompt_lengths = np.asarray(prompt_lengths, np.int32)
     cache_length = validate(cfg, prompt_tokens, prompt_lengths, scfg, params)
     fn = _sample_speculative if scfg.speculative else _sample_plain
     return fn(params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
@@ -278,17 +289,12 @@ def _draft(mtp_logits_bv, key, scfg):
 
 
 def _mtp(params, cfg, h_btd, next_tokens_bt, positions_bt, cache: KVCache, mesh_rules):
-    """Runs the MTP block over new positions, writing its cache at `cache.lengths`."""
-    from r1jax.model.attention import attention_mask
-    from r1jax.model.rope import rope_angles
-
-    t = next_tokens_bt.shape[1]
+    """Runs the MTP block over new positions (slots `positions_bt`), writing its cache."""
     mask = attention_mask(positions_bt, jnp.arange(cache.max_length, dtype=jnp.int32))
     cos, sin = rope_angles(positions_bt, cfg)
     logits, _, mtp_cache, _ = mtp_lib.mtp_forward(
         params.mtp, params, h_btd, next_tokens_bt, cos, sin, mask, cfg, block,
         cache=cache.mtp, start_b=positions_bt[:, 0], mesh_rules=mesh_rules)
-    del t
     return logits, mtp_cache
 
 
