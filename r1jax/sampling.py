@@ -212,7 +212,9 @@ def _sample_plain(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cach
     experts = None
     if record:  # [l, b, S, k] by slot; prompt slots now, decode slots as they are fed
         l, _, p, k = out.aux["experts"].shape
-        experts = jnp.full((l, b, cache_length, k), -1, jnp.int32).at[:, :, :p].set(out.aux["experts"])
+        in_prompt = jnp.arange(p)[None, :, None] < prompt_lengths[:, None, None]  # not the padding
+        prompt_experts = jnp.where(in_prompt, out.aux["experts"], -1)
+        experts = jnp.full((l, b, cache_length, k), -1, jnp.int32).at[:, :, :p].set(prompt_experts)
 
     def emit(state, logits):
         step, cache, tokens, logprobs, done, lengths, reason, experts = state
