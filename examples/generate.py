@@ -72,8 +72,8 @@ def add_model_flags(parser: argparse.ArgumentParser, checkpoint_flag: str = "--c
     g = parser.add_argument_group("model")
     g.add_argument("--base", default=None, help="Hugging Face folder (config.json + *.safetensors)")
     g.add_argument(checkpoint_flag, dest="checkpoint", default=None,
-                   help="work directory (or its checkpoints/ folder) of pretrain_tiny, r1_zero, sft, "
-                        "rejection_sample or convert_hf")
+                   help="work directory (or its checkpoints/ folder) of pretrain_tiny, r1_zero, "
+                        "sft or convert_hf")
     g.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     g.add_argument("--toy-model", default="moe", choices=["moe", "dense"],
                    help="config of a checkpoint that stores none (pretrain_tiny, r1_zero), or of "
@@ -84,7 +84,7 @@ def add_model_flags(parser: argparse.ArgumentParser, checkpoint_flag: str = "--c
 def load_model(args, *, seed: int = 0, toy_seq_len: int = 256) -> Model:
     """From `--base`, from `--checkpoint`, or a random toy model (CharTokenizer)."""
     if args.base and args.checkpoint:
-        raise SystemExit("give at most one of --base and --checkpoint")
+        raise SystemExit("give either --base or a checkpoint (--checkpoint, --init-from), not both")
     if args.base:
         cfg, params = r1jax.load_hf(args.base, dtype=jnp.dtype(args.param_dtype))
         return Model(cfg, params, hf_tokenizer(args.base), f"Hugging Face folder {args.base}",
@@ -99,8 +99,8 @@ def load_model(args, *, seed: int = 0, toy_seq_len: int = 256) -> Model:
 
 def hf_tokenizer(folder) -> HFTokenizer:
     if not (pathlib.Path(folder) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{folder}: no tokenizer.json (the model folder needs its Hugging Face "
-                                "tokenizer to turn text into tokens)")
+        raise FileNotFoundError(f"{folder}: no tokenizer.json (the model folder needs its "
+                                "Hugging Face tokenizer to turn text into tokens)")
     return HFTokenizer.from_file(folder)
 
 
@@ -123,7 +123,8 @@ def read_metadata(handle: ckpt.CheckpointHandle, step: int) -> dict:
     import orbax.checkpoint as ocp
 
     try:
-        payload = handle.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        payload = handle.manager.restore(
+            step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
         return dict(payload["metadata"].get("user", {}))
     except Exception as err:  # noqa: BLE001 -- any read failure means an unreadable step
         raise ckpt.CheckpointCorruptError(
@@ -137,24 +138,28 @@ def config_from_metadata(meta: dict, toy_model: Optional[str], vocab_size: int,
         hf = meta["model_config"]
         return r1jax.configs.from_hf_config(hf, param_dtype=hf.get("torch_dtype") or "float32")
     if toy_model is None:
-        raise SystemExit(f"{where} stores no model config (written by pretrain_tiny.py or r1_zero.py?); "
-                         "pass --toy-model moe|dense as used there")
+        raise SystemExit(f"{where} stores no model config (written by pretrain_tiny.py or "
+                         "r1_zero.py?); pass --toy-model moe|dense as used there")
     return pretrain_tiny.toy_config(toy_model, vocab_size, 256)
 
 
 def _abstract_train_state(abstract_params, learning_rate, max_grad_norm):
     optimizer = training.make_optimizer(learning_rate, max_grad_norm=max_grad_norm)
-    return training.TrainState(params=abstract_params, opt_state=jax.eval_shape(optimizer.init, abstract_params),
+    return training.TrainState(params=abstract_params,
+                               opt_state=jax.eval_shape(optimizer.init, abstract_params),
                                step=jax.ShapeDtypeStruct((), jnp.int32),
                                key=jax.eval_shape(lambda: jax.random.key(0)))
 
 
-def restore_params(handle: ckpt.CheckpointHandle, cfg: r1jax.ModelConfig, step: int) -> r1jax.Params:
+def restore_params(handle: ckpt.CheckpointHandle, cfg: r1jax.ModelConfig,
+                   step: Optional[int] = None) -> r1jax.Params:
     """The parameters of a step holding `{"params": Params}` (convert_hf.py) or a whole
     `TrainState` (the training examples: optimizers with a schedule or a constant rate).
 
     `checkpoint.restore` wants the stored tree exactly, so the known layouts are tried in
     turn; a layout mismatch is detected from the tree metadata, before any array is read.
+    With `step=None` the newest readable step is used (`checkpoint.restore` skips a
+    corrupt newest step with a warning).
     """
     abstract = r1jax.abstract_params(cfg)
     targets = [{"params": abstract}]
@@ -190,16 +195,26 @@ def load_checkpoint(path, *, step: Optional[int] = None, toy_model: Optional[str
         if not steps:
             ckpt.restore(handle, None)  # raises CheckpointNotFoundError with the reason
         if step is not None and step not in steps:
-            raise ckpt.CheckpointNotFoundError(f"no step {step} in {directory}; committed steps: {steps}")
-        step = steps[-1] if step is None else step
-        meta = read_metadata(handle, step)
+            raise ckpt.CheckpointNotFoundError(
+                f"no step {step} in {directory}; committed steps: {steps}")
+        meta, errors = None, []
+        for candidate in ([step] if step is not None else reversed(steps)):
+            try:
+                meta = read_metadata(handle, candidate)
+                break
+            except ckpt.CheckpointCorruptError as err:
+                errors.append(str(err))
+        if meta is None:
+            raise ckpt.CheckpointCorruptError("\n".join(errors))
         tokenizer_dir = root if (root / "tokenizer.json").is_file() else None
         tokenizer = HFTokenizer.from_file(root) if tokenizer_dir else CharTokenizer()
         cfg = config_from_metadata(meta, toy_model, tokenizer.vocab_size, directory)
         params = restore_params(handle, cfg, step)
     finally:
         ckpt.close(handle)
-    return Model(cfg, params, tokenizer, f"checkpoint {directory} step {step}", step, tokenizer_dir)
+    shown = step if step is not None else steps[-1]
+    return Model(cfg, params, tokenizer, f"checkpoint {directory} step {shown}", step,
+                 tokenizer_dir)
 
 
 def copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
@@ -225,7 +240,8 @@ def apply_template(name: str, text: str) -> str:
     if name == "r1_zero":
         return templates.r1_zero_prompt(text)
     if name == "chat":
-        return templates.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+        return templates.render_chat([{"role": "user", "content": text}],
+                                     add_generation_prompt=True)
     raise ValueError(f"unknown template {name!r}")
 
 
@@ -244,8 +260,8 @@ def read_prompts(path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); expected an object with a "
-                             "string field 'prompt' or 'question'") from None
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); expected an object "
+                             "with a string field 'prompt' or 'question'") from None
         text = record.get("prompt", record.get("question")) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise ValueError(f"{path}:{number}: expected an object with a string field 'prompt' or "
@@ -265,8 +281,9 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("no prompts: give them as arguments or with --prompts-file")
     texts = [apply_template(args.template, p) for p in prompts]
     tokens, lengths = tokenize_prompts(tokenizer, texts, add_bos=args.add_bos)
-    tokens, lengths = np.repeat(tokens, args.num_samples, 0), np.repeat(lengths, args.num_samples, 0)
-    stop = tuple(sorted({*model.cfg.eos_token_id, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])}))
+    tokens = np.repeat(tokens, args.num_samples, 0)
+    lengths = np.repeat(lengths, args.num_samples, 0)
+    stop = tuple(sorted({*model.cfg.eos_token_id, tokenizer.eos_id} - {None}))
     scfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, stop_token_ids=stop,
                           speculative=args.speculative, pad_id=tokenizer.pad_id)
@@ -280,15 +297,16 @@ def main(argv=None) -> list[dict]:
         n = int(out_lengths[i])
         result = {"prompt": texts[i // args.num_samples], "sample": i % args.num_samples,
                   "completion": tokenizer.decode(out_tokens[i, :n]), "num_tokens": n,
-                  "logprob": float(logprobs[i, :n].sum()), "mean_logprob": float(logprobs[i, :n].mean()) if n else 0.0,
+                  "logprob": float(logprobs[i, :n].sum()),
+                  "mean_logprob": float(logprobs[i, :n].mean()) if n else 0.0,
                   "stop_reason": "stop token" if reasons[i] == FINISHED_STOP else "max_new_tokens"}
         if args.show_tokens:
             result["token_logprobs"] = [float(x) for x in logprobs[i, :n]]
         results.append(result)
         print(f"\n[{i // args.num_samples}.{i % args.num_samples}] {result['prompt']!r}\n"
               f"  -> {result['completion']!r}\n"
-              f"  {n} tokens, log-prob {result['logprob']:.3f} (mean {result['mean_logprob']:.3f}), "
-              f"stopped by {result['stop_reason']}")
+              f"  {n} tokens, log-prob {result['logprob']:.3f} "
+              f"(mean {result['mean_logprob']:.3f}), stopped by {result['stop_reason']}")
         if args.show_tokens:
             print("  " + " ".join(f"{tokenizer.decode([t])!r}:{lp:.2f}"
                                   for t, lp in zip(out_tokens[i, :n], logprobs[i, :n])))
@@ -303,14 +321,16 @@ def main(argv=None) -> list[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     g = p.add_argument_group("prompts")
     g.add_argument("prompts", nargs="*", help="prompt texts")
-    g.add_argument("--prompts-file", default=None, help="one prompt per line, or .jsonl with 'prompt'")
+    g.add_argument("--prompts-file", default=None,
+                   help="one prompt per line, or .jsonl with 'prompt'")
     g.add_argument("--template", default="none", choices=["none", "short", "r1_zero", "chat"],
-                   help="wrap each prompt: short = '{q} <think>' (toy models), r1_zero = the paper's "
-                        "Table 1, chat = ChatML user turn")
+                   help="wrap each prompt: short = '{q} <think>' (toy models), r1_zero = the "
+                        "paper's Table 1, chat = ChatML user turn")
     g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's bos token")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=64)

@@ -147,7 +147,8 @@ def pretrain(workdir: pathlib.Path, *, model: str = "moe", steps: int = 1500, ba
                           "expert_load_max_over_mean": float(m.get("expert_load_max_over_mean", np.nan))}
                 metrics.write(record)
                 bar.set_postfix(ce=f"{record['ce']:.3f}", mtp=f"{record['mtp_loss']:.3f}")
-            ckpt.save(handle, step + 1, state, {"next_document": (step + 1) * batch_size},
+            ckpt.save(handle, step + 1, state, {"next_document": (step + 1) * batch_size,
+                                                "model_config": r1jax.configs.to_hf_config(cfg)},
                       force=step + 1 == steps)
         ckpt.wait(handle)
         wd.plot_curves(metrics.read(), ["ce", "mtp_loss", "expert_load_max_over_mean"],

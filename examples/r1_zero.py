@@ -190,7 +190,8 @@ def run(args) -> dict:
         metrics.write(record)
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                         fmt=f"{record['format_rate']:.2f}")
-        ckpt.save(handle, step + 1, state, {"data_position": positions[-1].to_dict(), "before": before},
+        ckpt.save(handle, step + 1, state, {"data_position": positions[-1].to_dict(), "before": before,
+                                            "model_config": r1jax.configs.to_hf_config(cfg)},
                   force=step + 1 == args.steps)
     ckpt.close(handle)
 

@@ -47,7 +47,8 @@ from r1jax.rl import rewards  # noqa: E402
 from r1jax.sampling import FINISHED_STOP, SamplingConfig, sample  # noqa: E402
 
 
-def score(dataset: str, completion: str, example: dict, prompt_has_think: bool) -> tuple[float, float]:
+def score(dataset: str, completion: str, example: dict,
+          prompt_has_think: bool) -> tuple[float, float]:
     """(accuracy, format) of one completion, each 0.0 or 1.0."""
     if dataset == "countdown":
         accuracy = rewards.countdown_reward(completion, example["numbers"], example["target"])
@@ -58,7 +59,11 @@ def score(dataset: str, completion: str, example: dict, prompt_has_think: bool) 
 
 def select(accepted: list[tuple[str, int]], max_per_prompt: int, how: str) -> list[tuple[str, int]]:
     """At most `max_per_prompt` (0: all) distinct (completion, length) pairs: shortest or first."""
-    distinct = list({c: (c, n) for c, n in reversed(accepted)}.values())[::-1]  # first copy kept
+    seen, distinct = set(), []
+    for completion, n in accepted:
+        if completion not in seen:
+            seen.add(completion)
+            distinct.append((completion, n))
     if how == "shortest":
         distinct = sorted(distinct, key=lambda cn: cn[1])
     return distinct[:max_per_prompt] if max_per_prompt else distinct
@@ -75,8 +80,10 @@ def run(args) -> dict:
         "short" if isinstance(tokenizer, CharTokenizer) else "r1_zero")
     prompt_has_think = template == "short"
 
-    config = ({"difficulty": args.difficulty, "num_train": args.num_train, "num_test": args.num_test}
-              if args.dataset == "arithmetic" else {})
+    config = {}
+    if args.dataset == "arithmetic":
+        config = {"difficulty": args.difficulty, "num_train": args.num_train,
+                  "num_test": args.num_test}
     data_dir = pathlib.Path(args.data_dir) if args.data_dir else workdir / "data"
     source = sources.load_source(args.dataset, args.split, data_dir, args.manual_dir, **config)
     order = epoch_order(len(source), args.seed, 0)[:args.num_prompts]
@@ -143,13 +150,15 @@ def run(args) -> dict:
     (workdir / "rejection_stats.json").write_text(json.dumps(stats, indent=2))
     print(f"\n{stats['prompts']} prompts x {G} samples: accuracy {stats['accuracy']:.3f}, format "
           f"{stats['format_rate']:.3f}, stopped {stats['stopped_rate']:.3f}, accepted "
-          f"{stats['acceptance_rate']:.3f}; {stats['prompts_with_accepted']} prompts with an accepted "
-          f"sample; wrote {written} examples (mean {stats['mean_written_tokens']:.1f} tokens) to {out_path}")
+          f"{stats['acceptance_rate']:.3f}; {stats['prompts_with_accepted']} prompts with an "
+          f"accepted sample; wrote {written} examples (mean {stats['mean_written_tokens']:.1f} "
+          f"tokens) to {out_path}")
     return stats
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/rejection")
     g.add_argument("--out", default=None, help="SFT JSONL to write (default: WORKDIR/sft.jsonl)")
@@ -157,7 +166,8 @@ def parse_args(argv=None):
     g.add_argument("--quiet", action="store_true")
     generate.add_model_flags(p)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "countdown", "gsm8k", "math"])
+    g.add_argument("--dataset", default="arithmetic",
+                   choices=["arithmetic", "countdown", "gsm8k", "math"])
     g.add_argument("--split", default="train")
     g.add_argument("--data-dir", default=None, help="built datasets (default: WORKDIR/data)")
     g.add_argument("--manual-dir", default=None, help="folder with the downloaded GSM8K/MATH files")
@@ -175,7 +185,8 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=0.6)
     g.add_argument("--top-p", type=float, default=0.95)
     g = p.add_argument_group("selection")
-    g.add_argument("--max-per-prompt", type=int, default=0, help="K answers kept per prompt (0: all)")
+    g.add_argument("--max-per-prompt", type=int, default=0,
+                   help="K answers kept per prompt (0: all)")
     g.add_argument("--select", default="shortest", choices=["shortest", "first"])
     g.add_argument("--require-format", action=argparse.BooleanOptionalAction, default=True,
                    help="also require the <think>/<answer> format")

@@ -36,7 +36,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -48,13 +47,14 @@ import r1jax  # noqa: E402
 from r1jax import checkpoint as ckpt  # noqa: E402
 from r1jax import training  # noqa: E402
 from r1jax.data.iterator import Position, iterate  # noqa: E402
-from r1jax.data.sft import load_sft_arrays  # noqa: E402
+from r1jax.data.sft import load_sft_arrays, read_jsonl  # noqa: E402
 
 
 def run(args) -> dict:
     timer = wd.Timer()
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    read_jsonl(args.data)  # a malformed file fails here, before a large model is loaded
     model = generate.load_model(args, seed=args.seed, toy_seq_len=args.seq_len)
     cfg, tokenizer = model.cfg, model.tokenizer
     if model.tokenizer_dir is not None:  # so that generate.py --checkpoint WORKDIR finds it
@@ -63,25 +63,29 @@ def run(args) -> dict:
     tokens, mask, stats = load_sft_arrays(args.data, tokenizer, args.seq_len, add_bos=args.add_bos,
                                           default_system=args.default_system)
     if not args.quiet:
-        print(f"model: {model.source}; data: {stats.examples} examples, {stats.target_tokens} target "
-              f"tokens ({stats.truncated} cut to --seq-len {args.seq_len}, {stats.dropped} dropped)")
+        print(f"model: {model.source}; data: {stats.examples} examples, {stats.target_tokens} "
+              f"target tokens ({stats.truncated} cut to --seq-len {args.seq_len}, "
+              f"{stats.dropped} dropped)")
 
     schedule = pretrain_tiny.training_schedule(args.learning_rate, args.steps)
     optimizer = training.make_optimizer(schedule, weight_decay=args.weight_decay)
     state = training.init_train_state(model.params, optimizer, jax.random.key(args.seed))
+    # commit every leaf to the device, as the step's outputs are: loaded weights are committed
+    # but the fresh counters are not, and that mix would compile the step a second time
+    state = jax.device_put(state, jax.devices()[0])
     handle = ckpt.open_checkpoints(workdir / "checkpoints", max_to_keep=2,
                                    save_interval_steps=args.checkpoint_every)
     position = Position()
     if ckpt.latest_step(handle) is not None:
         state, meta = ckpt.restore(handle, state)
         if meta.get("num_examples") != stats.examples:
-            raise SystemExit(f"{workdir}: the checkpoint was trained on {meta.get('num_examples')} "
-                             f"examples but {args.data} now gives {stats.examples}; use a new --workdir")
+            raise SystemExit(f"{workdir}: the checkpoint was trained on "
+                             f"{meta.get('num_examples')} examples but {args.data} now gives "
+                             f"{stats.examples}; use a new --workdir")
         position = Position.from_dict(meta["data_position"])
     start = int(state.step)
     _drop_torn_last_line(workdir / "metrics.jsonl")  # a run killed mid-write
     metrics = wd.MetricsFile(workdir / "metrics.jsonl", truncate_after_step=start)
-    record = None
     if start < args.steps:
         step_fn = training.make_lm_train_step(cfg, optimizer, mtp_weight=args.mtp_weight,
                                               router_bias_rate=args.router_bias_rate,
@@ -94,7 +98,8 @@ def run(args) -> dict:
             state, m = step_fn(state, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]))
             if step % args.log_every == 0 or step == args.steps - 1:
                 record = {"step": step + 1, "loss": float(m["loss"]), "ce": float(m["ce"]),
-                          "grad_norm": float(m["grad_norm"]), "learning_rate": float(schedule(step)),
+                          "grad_norm": float(m["grad_norm"]),
+                          "learning_rate": float(schedule(step)),
                           "target_tokens": int(mask[rows, 1:].sum()),
                           "epoch": position.epoch + position.index / len(tokens)}
                 for key in ("mtp_loss", "expert_load_max_over_mean"):
@@ -108,7 +113,8 @@ def run(args) -> dict:
                       force=step + 1 == args.steps)
         ckpt.wait(handle)
         wd.plot_curves(metrics.read(), ["ce", "mtp_loss", "grad_norm", "learning_rate"],
-                       workdir / "sft.png", f"SFT on {pathlib.Path(args.data).name} (completion tokens)")
+                       workdir / "sft.png",
+                       f"SFT on {pathlib.Path(args.data).name} (loss on completion tokens)")
     ckpt.close(handle)
 
     if args.save_hf:
@@ -135,7 +141,8 @@ def _drop_torn_last_line(path: pathlib.Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/sft")
     g.add_argument("--seed", type=int, default=0)
@@ -147,17 +154,21 @@ def parse_args(argv=None):
     g.add_argument("--data", required=True, help="JSONL of {prompt, completion} or {messages}")
     g.add_argument("--seq-len", type=int, default=64, help="tokens per example (pad or cut)")
     g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's bos token")
-    g.add_argument("--default-system", default=None, help="system message for chat examples without one")
+    g.add_argument("--default-system", default=None,
+                   help="system message for chat examples without one")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=200)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--grad-accum-steps", type=int, default=1)
     g.add_argument("--learning-rate", type=float, default=1e-3, help="peak of warm-up + cosine")
     g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--mtp-weight", type=float, default=0.3, help="lambda of the MTP loss (MTP models)")
-    g.add_argument("--router-bias-rate", type=float, default=1e-3, help="gamma of the bias update (MoE)")
+    g.add_argument("--mtp-weight", type=float, default=0.3,
+                   help="lambda of the MTP loss (models with MTP)")
+    g.add_argument("--router-bias-rate", type=float, default=1e-3,
+                   help="gamma of the router-bias update (MoE models)")
     g = p.add_argument_group("output")
-    g.add_argument("--save-hf", default=None, help="at the end, also write a Hugging Face folder here")
+    g.add_argument("--save-hf", default=None,
+                   help="at the end, also write a Hugging Face folder here")
     return p.parse_args(argv)
 
 

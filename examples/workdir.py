@@ -50,7 +50,13 @@ class MetricsFile:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short when the run was killed
+                continue
+        return records
 
 
 def plot_curves(records: list[dict], keys: Iterable[str], path: os.PathLike, title: str,

@@ -68,15 +68,24 @@ def make_mesh(spec: Union[str, dict[str, int]] = "", devices: Optional[Sequence[
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
-    """Maps logical axis names to mesh axes (a name, a tuple of names, or None)."""
+    """Maps logical axis names to mesh axes (a name, a tuple of names, or None).
+
+    `fallback` rules apply to a dimension the main rules leave unsharded, only where their
+    mesh axes are still free in that array and divide the dimension. FSDP uses them for
+    the MLA latent ranks: `q_b` [q_lora, heads, head_dim] has no `embed` dimension, so
+    without ("q_lora", "fsdp") it would be replicated on every FSDP shard, while `q_a`
+    [embed, q_lora] already spends `fsdp` on `embed` (a main rule there would map `fsdp`
+    twice, which `spec` refuses).
+    """
 
     rules: tuple[tuple[str, MeshAxes], ...]
+    fallback: tuple[tuple[str, MeshAxes], ...] = ()
 
     def __post_init__(self):
-        for logical, _ in self.rules:
+        for logical, _ in self.rules + self.fallback:
             if logical not in LOGICAL_AXES:
                 raise ValueError(f"ShardingRules: unknown logical axis {logical!r}; known: {LOGICAL_AXES}")
-        for logical, mesh_axes in self.rules:
+        for logical, mesh_axes in self.rules + self.fallback:
             axes = _as_tuple(mesh_axes)
             for axis in axes:
                 if axis not in MESH_AXES:
@@ -88,14 +97,26 @@ class ShardingRules:
     def mesh_axes(self, logical: Optional[str]) -> MeshAxes:
         return dict(self.rules).get(logical) if logical else None
 
-    def spec(self, logical_axes: Sequence[Optional[str]]) -> PartitionSpec:
-        """PartitionSpec for an array whose dimensions carry these logical names."""
+    def spec(self, logical_axes: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
+             mesh_shape: Optional[dict] = None) -> PartitionSpec:
+        """PartitionSpec for an array whose dimensions carry these logical names. With
+        `shape` and `mesh_shape`, a fallback rule is used only where it divides."""
         parts = [self.mesh_axes(name) for name in logical_axes]
         used = [a for p in parts for a in _as_tuple(p)]
         repeated = sorted({a for a in used if used.count(a) > 1})
         if repeated:
             raise ValueError(f"ShardingRules map mesh axis {repeated[0]!r} twice in one array "
                              f"with logical axes {tuple(logical_axes)}")
+        fallback = dict(self.fallback)
+        for i, name in enumerate(logical_axes):
+            axes = _as_tuple(fallback.get(name)) if parts[i] is None and name else ()
+            if not axes or set(axes) & set(used):
+                continue
+            if shape is not None and mesh_shape is not None and \
+                    shape[i] % math.prod(mesh_shape[a] for a in axes):
+                continue
+            parts[i] = fallback[name]
+            used += list(axes)
         return PartitionSpec(*parts)
 
 
@@ -106,6 +127,8 @@ def _as_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
 
 
 _BATCH = ("batch", ("data", "fsdp", "expert"))
+# FSDP for the MLA weights without an `embed` dimension (q_b, k_b, v_b and the latent norms)
+_FSDP_LATENT = (("q_lora", "fsdp"), ("kv_lora", "fsdp"))
 
 
 def data_parallel_rules() -> ShardingRules:
@@ -114,26 +137,29 @@ def data_parallel_rules() -> ShardingRules:
 
 
 def fsdp_rules() -> ShardingRules:
-    """FSDP: weights sharded over `fsdp` along the model width, gathered per layer."""
-    return ShardingRules((_BATCH, ("embed", "fsdp"), ("vocab", "tensor")))
+    """FSDP: weights sharded over `fsdp` along the model width (or an MLA latent rank),
+    gathered per layer. (`vocab` on `tensor` only matters on a mesh with tensor > 1.)"""
+    return ShardingRules((_BATCH, ("embed", "fsdp"), ("vocab", "tensor")), _FSDP_LATENT)
 
 
 def fsdp_tp_rules() -> ShardingRules:
     """FSDP + tensor parallel (heads, MLP hidden and vocabulary over `tensor`)."""
     return ShardingRules((_BATCH, ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
-                          ("mlp", "tensor"), ("vocab", "tensor"), ("expert_mlp", "tensor")))
+                          ("mlp", "tensor"), ("vocab", "tensor"), ("expert_mlp", "tensor")),
+                         _FSDP_LATENT)
 
 
 def fsdp_ep_rules() -> ShardingRules:
     """FSDP + expert parallel (routed experts over `expert`)."""
-    return ShardingRules((_BATCH, ("embed", "fsdp"), ("experts", "expert"), ("vocab", "tensor")))
+    return ShardingRules((_BATCH, ("embed", "fsdp"), ("experts", "expert"), ("vocab", "tensor")),
+                         _FSDP_LATENT)
 
 
 def default_rules() -> ShardingRules:
     """FSDP + tensor + expert parallel; size-1 mesh axes cost nothing."""
     return ShardingRules((_BATCH, ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
                           ("mlp", "tensor"), ("vocab", "tensor"), ("experts", "expert"),
-                          ("expert_mlp", "tensor")))
+                          ("expert_mlp", "tensor")), _FSDP_LATENT)
 
 
 RULE_PRESETS = {
@@ -151,7 +177,7 @@ class MeshRules:
 
     def sharding(self, logical_axes: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
                  name: str = "array") -> NamedSharding:
-        spec = self.rules.spec(logical_axes)
+        spec = self.rules.spec(logical_axes, shape, dict(self.mesh.shape))
         if shape is not None:
             check_divisible(name, shape, spec, self.mesh)
         return NamedSharding(self.mesh, spec)

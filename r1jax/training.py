@@ -53,7 +53,16 @@ def make_optimizer(learning_rate, weight_decay: float = 0.0, max_grad_norm: Opti
 
 
 def init_train_state(params: Params, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), key=key)
+    """A fresh state around `params`. The counter and key are placed like the parameters
+    (replicated on their mesh), so the jitted step compiles once, not again on step 2."""
+    leaf = jax.tree.leaves(params)[0]
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    place = (lambda x: jax.device_put(x, sharding)) if sharding is not None else (lambda x: x)
+    opt_state = jax.tree.map(lambda x: place(x) if x.ndim == 0 else x, optimizer.init(params))
+    return TrainState(params=params, opt_state=opt_state,
+                      step=place(jnp.zeros((), jnp.int32)), key=place(key))
 
 
 def state_shardings(optimizer: optax.GradientTransformation, opt_state, param_shardings: Params,

@@ -12,7 +12,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -21,19 +20,35 @@ from r1jax.data.tokenizer import CharTokenizer
 from r1jax.model.transformer import param_shardings
 from r1jax.rl import grpo, rollout, train
 from r1jax.rl.rollout import Groups
-from r1jax.sampling import FINISHED_STOP, SamplingConfig, sample
-from r1jax.training import init_train_state, make_optimizer, state_shardings
+from r1jax.sampling import SamplingConfig, sample
+from r1jax.training import apply_gradients, init_train_state, make_optimizer, state_shardings
 
 TOK = CharTokenizer()
 CFG = r1jax.configs.tiny_dense(vocab_size=TOK.vocab_size)
-MOE_CFG = r1jax.configs.tiny_moe(vocab_size=TOK.vocab_size, num_nextn_predict_layers=0)
+# one MoE stack (no dense layers, no MTP): fewer programs to compile
+MOE_CFG = r1jax.configs.tiny_moe(vocab_size=TOK.vocab_size, num_nextn_predict_layers=0,
+                                 num_hidden_layers=2, first_k_dense_replace=0)
 G = 8  # completions per prompt of the dense rollouts
 P, N = 4, 8  # prompt width and max_new_tokens of the dense rollouts: T = 12
 GCFG = grpo.GRPOConfig(num_generations=G, beta=0.0, loss_aggregation="sequence_mean",
-                       learning_rate=3e-3)
+                       learning_rate=1e-2)
 # eps = 1e-3 keeps the first Adam step smooth in the gradient (no g / |g| sign flips at
-# g ~ 0), so runs whose gradients differ by summation order give close parameters.
-SMOOTH_OPT = make_optimizer(1e-2, weight_decay=0.1, eps=1e-3)
+# g ~ 0), so runs whose gradients differ only by summation order give close parameters.
+OPT = make_optimizer(GCFG.learning_rate, weight_decay=0.1, eps=1e-3)
+# 13 upper-case letters stop a row (about 1 in 8 tokens at random init, so a rollout has
+# both stopped and truncated rows).
+STOPS = tuple(TOK.token_to_id(c) for c in "ABCDEFGHIJKLM")
+SCFG = SamplingConfig(max_new_tokens=N, temperature=1.0, stop_token_ids=STOPS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _few_xla_optimisations():
+    """Every program here is tiny and runs a few times, so compiling is nearly all the cost:
+    ask XLA for little optimisation work (same semantics), and restore the flag after."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def _copy(tree):
@@ -59,16 +74,15 @@ def dense_params():
 
 
 @pytest.fixture(scope="module")
+def dense_step():
+    """The jitted train step of the dense model, shared by the tests that use [32, 12] batches."""
+    return train.make_train_step(CFG, GCFG, OPT)
+
+
+@pytest.fixture(scope="module")
 def dense_batch():
     """A [32, 12] rollout batch (4 prompts x G = 8) of random tokens."""
     return rollout.assemble_batch(_random_groups(1, 4, G, P, N), CFG, GCFG, params=None)
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _loss_grad(params, batch, gcfg):
-    (loss, (metrics, _)), grads = jax.value_and_grad(train.grpo_loss, has_aux=True)(
-        params, batch, CFG, gcfg)
-    return loss, metrics, grads
 
 
 # 1. assemble_batch ---------------------------------------------------------------------------
@@ -148,19 +162,17 @@ def test_assemble_batch_passes_experts_only_with_routing_replay():
 # 2. generate_groups --------------------------------------------------------------------------
 
 def test_generate_groups_shapes_rewards_and_truncation(dense_params):
-    digits = tuple(TOK.token_to_id(c) for c in "0123456789")
-    scfg = SamplingConfig(max_new_tokens=N, temperature=1.0, stop_token_ids=digits)
     examples = [{"q": "1+1=", "bonus": 0.0}, {"q": "7", "bonus": 10.0},
                 {"q": "ab", "bonus": 20.0}, {"q": "x=", "bonus": 30.0}]
     calls = []
 
     def reward_fn(completion, q, bonus):
         calls.append((completion, q))
-        return len(completion) + bonus
+        return completion.count("1") + bonus
 
     groups = rollout.generate_groups(dense_params, CFG, examples, tokenizer=TOK,
                                      prompt_fn=lambda ex: ex["q"], reward_fn=reward_fn,
-                                     num_generations=G, scfg=scfg, key=jax.random.key(3),
+                                     num_generations=G, scfg=SCFG, key=jax.random.key(3),
                                      prompt_len=P)
     n = len(examples) * G
     assert groups.prompt_tokens.shape == (n, P) and groups.tokens.shape == (n, N)
@@ -178,13 +190,13 @@ def test_generate_groups_shapes_rewards_and_truncation(dense_params):
         length = groups.lengths[r]
         completion = TOK.decode(groups.tokens[r, :length])
         assert groups.completions[r] == completion
-        assert groups.rewards[r // G, r % G] == len(completion) + examples[r // G]["bonus"]
-        stops = np.isin(groups.tokens[r, :length], digits)
+        assert groups.rewards[r // G, r % G] == completion.count("1") + examples[r // G]["bonus"]
+        stops = np.isin(groups.tokens[r, :length], STOPS)
         if groups.truncated[r]:  # ran to max_new_tokens without a stop token
             assert length == N and not stops.any()
         else:  # stopped at (and kept) the first stop token
             assert stops[-1] and not stops[:-1].any()
-            np.testing.assert_array_equal(groups.tokens[r, length:], scfg.pad_id)
+            np.testing.assert_array_equal(groups.tokens[r, length:], SCFG.pad_id)
     assert groups.truncated.any() and not groups.truncated.all(), groups.truncated
 
 
@@ -194,10 +206,11 @@ def _fake_groups(examples, keys_seen, key):
     """Two completions per example, rewards from the example, rows tagged by example id."""
     keys_seen.append(np.asarray(jax.random.key_data(key)))
     ids = np.repeat([ex["id"] for ex in examples], 2).astype(np.int32)
+    j = np.tile([0, 1], len(examples)).astype(np.int32)
     n = len(ids)
-    return Groups(list(examples), [f"{i}/{j}" for i, j in zip(ids, np.tile([0, 1], len(examples)))],
-                  np.stack([ids, ids], 1), np.ones(n, np.int32), np.stack([ids, np.tile([0, 1], len(examples)), ids], 1),
-                  np.full(n, 3, np.int32), np.zeros(n, bool),
+    return Groups(list(examples), [f"{a}/{b}" for a, b in zip(ids, j)], np.stack([ids, ids], 1),
+                  np.ones(n, np.int32), np.stack([ids, j, ids], 1), np.full(n, 3, np.int32),
+                  np.zeros(n, bool),
                   np.array([ex["r"] for ex in examples], np.float32),
                   np.broadcast_to(ids[:, None, None, None], (n, 1, 5, 1)).copy())
 
@@ -251,7 +264,7 @@ def test_collect_groups_drops_flat_groups_and_refills():
 
     batch = rollout.assemble_batch(groups, CFG, grpo.GRPOConfig(num_generations=2, beta=0.0),
                                    params=None)
-    assert batch.tokens.shape == (6, 4) and np.all(np.abs(batch.advantages) > 0.5)
+    assert batch.tokens.shape == (6, 5) and np.all(np.abs(batch.advantages) > 0.5)
 
 
 def test_collect_groups_max_rounds_fallback_keeps_shapes():
@@ -268,13 +281,17 @@ def test_collect_groups_max_rounds_fallback_keeps_shapes():
 # 4. the mu = 1 step is the plain policy gradient ---------------------------------------------
 
 @jax.jit
-def _reinforce_grad(params, batch):
+def _grpo_and_reinforce_grads(params, batch):
+    """(loss, metrics, grad of grpo_loss, grad of the hand-written REINFORCE surrogate)."""
     def surrogate(p):
         logp = rollout.policy_logprobs(p, batch.tokens, CFG)[0]
         m = batch.mask > 0
         row_mean = jnp.where(m, logp, 0.0).sum(1) / m.sum(1)
         return -jnp.sum(batch.advantages * row_mean) / batch.tokens.shape[0]
-    return jax.grad(surrogate)(params)
+
+    (loss, (metrics, _)), grads = jax.value_and_grad(train.grpo_loss, has_aux=True)(
+        params, batch, CFG, GCFG)
+    return loss, metrics, grads, jax.grad(surrogate)(params)
 
 
 def _assert_trees_close(a, b, rtol, atol, what=""):
@@ -283,10 +300,9 @@ def _assert_trees_close(a, b, rtol, atol, what=""):
                                    err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
-def test_mu1_step_ratio_is_one(dense_params, dense_batch):
-    step = train.make_train_step(CFG, GCFG, SMOOTH_OPT)
-    state, metrics = step(init_train_state(_copy(dense_params), SMOOTH_OPT, jax.random.key(0)),
-                          dense_batch)
+def test_mu1_step_ratio_is_one(dense_params, dense_batch, dense_step):
+    state = init_train_state(_copy(dense_params), OPT, jax.random.key(0))
+    state, metrics = dense_step(state, dense_batch)
     assert float(metrics["ratio_mean"]) == float(metrics["ratio_min"]) == \
         float(metrics["ratio_max"]) == 1.0
     assert float(metrics["clip_frac_low"]) == float(metrics["clip_frac_high"]) == 0.0
@@ -294,8 +310,7 @@ def test_mu1_step_ratio_is_one(dense_params, dense_batch):
 
 
 def test_mu1_gradient_is_reinforce_and_zero_without_advantage(dense_params, dense_batch):
-    loss, metrics, grads = _loss_grad(dense_params, dense_batch, GCFG)
-    reinforce = _reinforce_grad(dense_params, dense_batch)
+    loss, metrics, grads, reinforce = _grpo_and_reinforce_grads(dense_params, dense_batch)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(reinforce))
     assert scale > 1e-3  # a real gradient, not zero on both sides
     _assert_trees_close(grads, reinforce, rtol=1e-4, atol=1e-6 * scale)
@@ -303,7 +318,7 @@ def test_mu1_gradient_is_reinforce_and_zero_without_advantage(dense_params, dens
     assert abs(float(loss)) < 1e-5
 
     flat = dataclasses.replace(dense_batch, advantages=jnp.zeros_like(dense_batch.advantages))
-    _, _, zero = _loss_grad(dense_params, flat, GCFG)
+    _, _, zero, _ = _grpo_and_reinforce_grads(dense_params, flat)
     for path, g in jax.tree_util.tree_leaves_with_path(zero):
         assert not np.any(np.asarray(g)), jax.tree_util.keystr(path)
 
@@ -311,13 +326,13 @@ def test_mu1_gradient_is_reinforce_and_zero_without_advantage(dense_params, dens
 def test_kl_is_zero_when_reference_is_policy(dense_params, dense_batch):
     kl_cfg = grpo.GRPOConfig(num_generations=G, beta=0.04, loss_aggregation="sequence_mean")
     groups = _random_groups(1, 4, G, P, N)
-    batch = rollout.assemble_batch(groups, CFG, kl_cfg, params=dense_params, ref_params=dense_params)
+    batch = rollout.assemble_batch(groups, CFG, kl_cfg, params=dense_params,
+                                   ref_params=dense_params)
     np.testing.assert_array_equal(batch.tokens, dense_batch.tokens)
-    loss, metrics, grads = _loss_grad(dense_params, batch, kl_cfg)
+    loss, (metrics, _) = jax.jit(train.grpo_loss, static_argnums=(2, 3))(
+        dense_params, batch, CFG, kl_cfg)
     assert abs(float(metrics["kl"])) < 1e-10, float(metrics["kl"])
-    # k3's gradient vanishes at pi == pi_ref: the same gradient as without the KL term
-    _, _, plain = _loss_grad(dense_params, dense_batch, GCFG)
-    _assert_trees_close(grads, plain, rtol=1e-4, atol=1e-7)
+    assert abs(float(loss)) < 1e-5  # centred advantages, ratio 1, no KL: nothing left
 
 
 # 5. routing replay ---------------------------------------------------------------------------
@@ -367,7 +382,8 @@ def test_routing_replay_uses_recorded_experts(moe_rollout):
     logp = np.asarray(rollout.sequence_logprobs(params, batch.tokens, MOE_CFG, 1.0, batch.experts))
     expected = np.zeros_like(logp)
     for i in range(n):
-        expected[i, plen[i] - 1:plen[i] - 1 + groups.lengths[i]] = samples.logprobs[i, :groups.lengths[i]]
+        length = groups.lengths[i]
+        expected[i, plen[i] - 1:plen[i] - 1 + length] = samples.logprobs[i, :length]
     mask = np.asarray(batch.mask) > 0
     np.testing.assert_allclose(logp[mask], expected[mask], atol=1e-5, rtol=0)
 
@@ -389,36 +405,61 @@ def test_routing_replay_survives_a_router_change(moe_rollout):
 
 # 6. router-bias update -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("rate", [0.01, 0.0])
-def test_router_bias_update(moe_rollout, rate):
-    params, _, _, batch = moe_rollout
+def _with_bias(params):
+    """The MoE params with a non-zero router bias (so weight decay would show if applied)."""
     mlp = params.moe_layers.mlp
-    bias = jnp.linspace(-0.02, 0.02, mlp.router_bias.size, dtype=jnp.float32).reshape(mlp.router_bias.shape)
-    params = dataclasses.replace(params, moe_layers=dataclasses.replace(
+    bias = jnp.linspace(-0.02, 0.02, mlp.router_bias.size, dtype=jnp.float32)
+    bias = bias.reshape(mlp.router_bias.shape)
+    return dataclasses.replace(params, moe_layers=dataclasses.replace(
         params.moe_layers, mlp=dataclasses.replace(mlp, router_bias=bias)))
+
+
+def _bias_step_expected(old_bias, load, rate):
+    load = np.asarray(load, np.float32)
+    sign = np.sign(load.mean(-1, keepdims=True) - load).astype(np.float32)
+    return old_bias + np.float32(rate) * sign
+
+
+def test_router_bias_update_in_train_step(moe_rollout):
+    params, _, _, batch = moe_rollout
+    params = _with_bias(params)
+    old_bias = np.asarray(params.moe_layers.mlp.router_bias)
     opt = make_optimizer(1e-2, weight_decay=0.5)
-    cfg = grpo.GRPOConfig(num_generations=MOE_G, beta=0.0)
-    step = train.make_train_step(MOE_CFG, cfg, opt, router_bias_rate=rate)
+    step = train.make_train_step(MOE_CFG, grpo.GRPOConfig(num_generations=MOE_G, beta=0.0), opt,
+                                 router_bias_rate=0.01)
     state, metrics = step(init_train_state(_copy(params), opt, jax.random.key(0)), batch)
+    load = np.asarray(metrics["expert_load"])
+    assert load.shape == old_bias.shape and np.all(load.sum(-1) > 0)
     new_bias = np.asarray(state.params.moe_layers.mlp.router_bias)
-    old_bias = np.asarray(bias)
-    load = np.asarray(metrics["expert_load"], np.float32)
-    assert load.shape == old_bias.shape and load.sum() > 0
-    sign = np.sign(load.mean(-1, keepdims=True) - load)
-    np.testing.assert_array_equal(new_bias, old_bias + np.float32(rate) * sign.astype(np.float32))
-    if rate:
-        assert np.any(new_bias != old_bias)
-    # the other weights did move (weight decay and Adam ran)
-    assert np.any(np.asarray(state.params.moe_layers.mlp.router) != np.asarray(mlp.router))
+    # exactly +-0.01 (0 where a load equals the mean): neither AdamW nor weight decay touched it
+    np.testing.assert_array_equal(new_bias, _bias_step_expected(old_bias, load, 0.01))
+    assert np.any(new_bias != old_bias)
+    router = np.asarray(params.moe_layers.mlp.router)
+    assert np.any(np.asarray(state.params.moe_layers.mlp.router) != router)  # Adam did run
+
+
+def test_router_bias_unchanged_at_rate_zero(moe_rollout):
+    """`apply_gradients` (the update inside every train step) with the default rate 0, a
+    non-zero gradient on the bias, and weight decay: the bias stays exactly as it was."""
+    params = _with_bias(moe_rollout[0])
+    grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.3, params)
+    opt = make_optimizer(1e-2, weight_decay=0.5)
+    state = init_train_state(params, opt, jax.random.key(0))
+    e = MOE_CFG.n_routed_experts
+    load = jnp.tile(jnp.array([1] * (e - 2) + [0, 2], jnp.int32), (MOE_CFG.num_moe_layers, 1))
+    new, metrics = jax.jit(apply_gradients, static_argnums=(2, 4))(state, grads, opt, load, 0.0)
+    np.testing.assert_array_equal(new.params.moe_layers.mlp.router_bias,
+                                  np.asarray(params.moe_layers.mlp.router_bias))
+    np.testing.assert_array_equal(metrics["expert_load"], load)
+    assert np.all(np.asarray(new.params.embed) != np.asarray(params.embed))
 
 
 # 7. gradient accumulation --------------------------------------------------------------------
 
-def test_grad_accumulation_matches_one_big_batch(dense_params, dense_batch):
+def test_grad_accumulation_matches_one_big_batch(dense_params, dense_batch, dense_step):
     results = []
-    for steps in (1, 2):
-        step = train.make_train_step(CFG, GCFG, SMOOTH_OPT, grad_accum_steps=steps)
-        state = init_train_state(_copy(dense_params), SMOOTH_OPT, jax.random.key(0))
+    for step in (dense_step, train.make_train_step(CFG, GCFG, OPT, grad_accum_steps=2)):
+        state = init_train_state(_copy(dense_params), OPT, jax.random.key(0))
         results.append(step(state, dense_batch))
     (one, m1), (two, m2) = results
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), atol=1e-6)
@@ -441,22 +482,23 @@ def test_sharded_train_step_matches_single_device():
 
     gcfg = grpo.GRPOConfig(num_generations=4, beta=0.0, loss_aggregation="sequence_mean")
     batch = rollout.assemble_batch(_random_groups(4, 2, 4, P, N, vocab=104), cfg, gcfg, params=None)
-    state = init_train_state(params, SMOOTH_OPT, jax.random.key(0))
-    st_sh = state_shardings(SMOOTH_OPT, state.opt_state, shardings, rules)
+    state = init_train_state(params, OPT, jax.random.key(0))
+    st_sh = state_shardings(OPT, state.opt_state, shardings, rules)
     state = jax.device_put(state, st_sh)
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert")))
     sharded_batch = jax.tree.map(lambda x: jax.device_put(x, batch_sh), batch)
 
-    sharded_step = train.make_train_step(cfg, gcfg, SMOOTH_OPT, mesh_rules=rules, state_shardings=st_sh)
-    single_step = train.make_train_step(cfg, gcfg, SMOOTH_OPT)
+    sharded_step = train.make_train_step(cfg, gcfg, OPT, mesh_rules=rules, state_shardings=st_sh)
+    single_step = train.make_train_step(cfg, gcfg, OPT)
     out, m_sh = sharded_step(state, sharded_batch)
-    ref, m_ref = single_step(init_train_state(single_params, SMOOTH_OPT, jax.random.key(0)), batch)
+    ref, m_ref = single_step(init_train_state(single_params, OPT, jax.random.key(0)), batch)
 
     np.testing.assert_allclose(float(m_sh["loss"]), float(m_ref["loss"]), atol=1e-6)
     np.testing.assert_allclose(float(m_sh["grad_norm"]), float(m_ref["grad_norm"]), rtol=1e-5)
     _assert_trees_close(out.params, ref.params, rtol=1e-5, atol=1e-6, what="params")
     # parameters and optimizer moments keep their layout: no silent replication
-    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(out.params), jax.tree.leaves(shardings)):
+    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(out.params),
+                            jax.tree.leaves(shardings)):
         assert x.sharding.is_equivalent_to(s, x.ndim), (jax.tree_util.keystr(path), x.sharding, s)
     assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings))
     for x, s in zip(jax.tree.leaves(out.opt_state), jax.tree.leaves(st_sh.opt_state)):
@@ -465,15 +507,13 @@ def test_sharded_train_step_matches_single_device():
 
 # 9. a tiny policy learns a rule reward -------------------------------------------------------
 
-def test_grpo_learns_to_write_digits(dense_params):
-    """R1-Zero in miniature: reward = fraction of completion characters that are digits."""
+def test_grpo_learns_to_write_digits(dense_params, dense_step):
+    """R1-Zero in miniature: reward = fraction of completion characters that are digits
+    (a row stops at A-M, so the policy must also learn to avoid those)."""
     def reward(completion, q):
         return sum(ch.isdigit() for ch in completion) / max(len(completion), 1)
 
-    scfg = SamplingConfig(max_new_tokens=N, temperature=1.0)
-    opt = make_optimizer(GCFG.learning_rate)
-    step = train.make_train_step(CFG, GCFG, opt)
-    state = init_train_state(_copy(dense_params), opt, jax.random.key(1))
+    state = init_train_state(_copy(dense_params), OPT, jax.random.key(1))
     prompts = [{"q": f"{i}+{i}="} for i in range(4)]
 
     def examples():
@@ -482,12 +522,12 @@ def test_grpo_learns_to_write_digits(dense_params):
 
     it = examples()
     history = []
-    for s in range(30):
-        generate = functools.partial(_generate_digits, state.params, scfg=scfg, reward=reward)
-        groups, info = rollout.collect_groups(generate, it, jax.random.fold_in(jax.random.key(2), s),
-                                              len(prompts), dynamic_sampling=True)
+    for s in range(20):
+        generate = functools.partial(_generate_digits, state.params, reward=reward)
+        groups, _ = rollout.collect_groups(generate, it, jax.random.fold_in(jax.random.key(2), s),
+                                           len(prompts), dynamic_sampling=False)
         batch = rollout.assemble_batch(groups, CFG, GCFG, params=state.params)
-        state, metrics = step(state, batch)
+        state, _ = dense_step(state, batch)
         history.append(float(groups.rewards.mean()))
     start, end = np.mean(history[:3]), np.mean(history[-5:])
     msg = f"start {start:.3f}, final-5 mean {end:.3f}, history {np.round(history, 3).tolist()}"
@@ -495,7 +535,7 @@ def test_grpo_learns_to_write_digits(dense_params):
     assert end > start + 0.3 and end > 0.5, msg
 
 
-def _generate_digits(params, examples, key, *, scfg, reward):
+def _generate_digits(params, examples, key, *, reward):
     return rollout.generate_groups(params, CFG, examples, tokenizer=TOK, prompt_fn=lambda e: e["q"],
-                                   reward_fn=reward, num_generations=G, scfg=scfg, key=key,
+                                   reward_fn=reward, num_generations=G, scfg=SCFG, key=key,
                                    prompt_len=P)

@@ -2,10 +2,12 @@
 single-device results: forward logits, one GRPO train step (loss, updated parameters and
 optimizer state, in the rules' layout), and greedy sampling.
 
-Parameters come from the Hugging Face fixtures through `load_hf(..., mesh=, rules=)`, so
-loading onto every mesh is tested too; each strategy compiles its three functions once.
+`load_hf(..., mesh=, rules=)` and `init_params(..., mesh=, rules=)` are checked for every
+strategy without compiling; the numerical comparisons use a Qwen2-shaped fixture and a
+one-stack DeepSeek-V3-shaped MoE (MLA, 8 routed experts, a shared expert, balance loss),
+each strategy compiling its three functions once.
 """
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +24,11 @@ from r1jax.rl.rollout import RolloutBatch
 from r1jax.rl.train import make_train_step
 from r1jax.sampling import SamplingConfig, sample
 
-from model_fixtures import FIXTURES
+from model_fixtures import FIXTURES, random_params
 
-MODELS = {"moe": "deepseek_v3_yarn", "dense": "qwen2_tied"}
+FIXTURE = {"moe": "deepseek_v3_yarn", "dense": "qwen2_tied"}
 # (rules preset, mesh, model): axis sizes divide the models' dimensions (qwen2_tied has 2
-# key/value heads, so tensor <= 2; deepseek_v3_yarn has 8 routed experts and 4 heads).
+# key/value heads, so tensor <= 2; the MoE has 8 routed experts and 4 heads).
 CASES = [
     ("dp", "data=8", "dense"),
     ("fsdp", "fsdp=8", "moe"),
@@ -34,11 +36,22 @@ CASES = [
     ("fsdp_ep", "fsdp=2,expert=4", "moe"),  # expert parallel: 2 experts per device
     ("fsdp_tp_ep", "fsdp=2,tensor=2,expert=2", "moe"),
 ]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """XLA:CPU with most optimisations off compiles about twice as fast; these programs are
+    tiny, so compiling is what takes the time. Restored after this module."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 N, T = 8, 12  # GRPO rows (4 prompts x G=2) and sequence length
 GCFG = grpo.GRPOConfig(num_generations=2, beta=0.0, num_iterations=1, max_completion_length=8)
 # eps = 1e-3 keeps Adam's first step (g / (|g| + eps)) a smooth function of the gradient,
 # so float32 summation-order differences stay small in the parameters.
-OPTIMIZER = training.make_optimizer(1e-2, weight_decay=0.01, eps=1e-3)
+OPTIMIZER = training.make_optimizer(1e-3, weight_decay=0.01, eps=1e-3)
 GREEDY = SamplingConfig(max_new_tokens=4, temperature=0.0)
 
 
@@ -81,34 +94,50 @@ def _run(cfg, params, mesh_rules=None):
     return logits, stepped, samples
 
 
-_SINGLE = {}
+@functools.lru_cache(maxsize=None)
+def model(name: str):
+    """(cfg, single-device params). The MoE: no dense stack and no MTP, so the train step
+    compiles one layer stack (compile time, not depth, is what costs here)."""
+    if name == "dense":
+        return r1jax.load_hf(FIXTURES / FIXTURE["dense"])
+    cfg = r1jax.configs.tiny_moe(first_k_dense_replace=0, num_hidden_layers=2,
+                                 num_nextn_predict_layers=0)
+    return cfg, random_params(cfg, 0, with_mtp=False)
 
 
-def single(model: str):
-    if model not in _SINGLE:
-        cfg, params = r1jax.load_hf(FIXTURES / MODELS[model])
-        _SINGLE[model] = (cfg, _run(cfg, params))
-    return _SINGLE[model]
+@functools.lru_cache(maxsize=None)
+def single(name: str):
+    cfg, params = model(name)
+    return _run(cfg, jax.tree.map(jnp.copy, params))
 
 
 def _full_spec(spec: P, ndim: int) -> tuple:
     return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
 
 
-@pytest.mark.parametrize("preset, mesh_spec, model", CASES, ids=[c[0] for c in CASES])
-def test_strategy_equals_single_device(preset, mesh_spec, model):
-    cfg, (logits, (state, metrics), samples) = single(model)
+@pytest.mark.parametrize("preset, mesh_spec, name", CASES, ids=IDS)
+def test_load_and_init_on_every_strategy(preset, mesh_spec, name):
+    """`load_hf` places each weight in the rules' layout, and `init_params` would create
+    it there (lowered only: compiling a random init costs seconds per mesh; test_model
+    compiles one)."""
+    mesh, rules = r1jax.make_mesh(mesh_spec), shd.RULE_PRESETS[preset]()
+    cfg, params = r1jax.load_hf(FIXTURES / FIXTURE[name], mesh=mesh, rules=rules)
+    expected = jax.tree.leaves(transformer.param_shardings(cfg, mesh, rules, with_mtp=False))
+    assert [x.sharding for x in jax.tree.leaves(params)] == expected
+    assert any(not s.is_fully_replicated for s in expected) or preset == "dp"
+    init = transformer._initializer(cfg, False, r1jax.MeshRules(mesh, rules)).lower(jax.random.key(0))
+    assert [x.sharding for x in jax.tree.leaves(init.out_info)] == expected
+
+
+@pytest.mark.parametrize("preset, mesh_spec, name", CASES, ids=IDS)
+def test_strategy_equals_single_device(preset, mesh_spec, name):
+    logits, (state, metrics), samples = single(name)
+    cfg, params = model(name)
     mesh = r1jax.make_mesh(mesh_spec)
     rules = shd.RULE_PRESETS[preset]()
     mesh_rules = r1jax.MeshRules(mesh, rules)
-    _, params = r1jax.load_hf(FIXTURES / MODELS[model], mesh=mesh, rules=rules)
     expected = transformer.param_shardings(cfg, mesh, rules, with_mtp=False)
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
-        assert got.sharding == want
-    # init_params builds its arrays in the same layout (lowered only: compiling a random
-    # init costs seconds per mesh; test_model runs one)
-    init = transformer._initializer(cfg, False, mesh_rules).lower(jax.random.key(0))
-    assert [x.sharding for x in jax.tree.leaves(init.out_info)] == jax.tree.leaves(expected)
+    params = jax.device_put(jax.tree.map(jnp.copy, params), expected)  # the step donates them
 
     got_logits, (got_state, got_metrics), got_samples = _run(cfg, params, mesh_rules)
 

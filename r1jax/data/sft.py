@@ -82,7 +82,7 @@ def _numbered_examples(path: os.PathLike) -> list[tuple[int, dict]]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SFT data file {path} does not exist (expected JSONL: one "
-                                f"{{\"prompt\", \"completion\"}} or {{\"messages\"}} object per line)")
+                                "{'prompt', 'completion'} or {'messages'} object per line)")
     examples = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -160,7 +160,8 @@ def to_arrays(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: i
 
 
 def load_sft_arrays(path: os.PathLike, tokenizer, seq_len: int, *, add_bos: bool = False,
-                    default_system: Optional[str] = None) -> tuple[np.ndarray, np.ndarray, EncodeStats]:
+                    default_system: Optional[str] = None
+                    ) -> tuple[np.ndarray, np.ndarray, EncodeStats]:
     """:func:`read_jsonl`, :func:`encode_example` each line, :func:`to_arrays`.
 
     Raises :class:`SFTDataError` when no example has a target token within ``seq_len``,

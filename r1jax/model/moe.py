@@ -193,7 +193,10 @@ def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, 
 
         return jax.lax.cond(used, compute, lambda: jnp.zeros_like(x_bd))
 
-    y_pad = jax.lax.map(one_block, (x_pad.reshape(num_blocks, block, d), block_expert, occupied))
+    # Recomputed in the backward pass rather than saved: saved, the loop's residuals would
+    # stack each block's slice of the expert weights, [num_blocks, d, f] per matrix.
+    y_pad = jax.lax.map(jax.checkpoint(one_block),
+                        (x_pad.reshape(num_blocks, block, d), block_expert, occupied))
     y_sorted = (y_pad.reshape(-1, d).at[dest].get(mode="fill", fill_value=0)
                 * weights_nk.reshape(-1)[order][:, None].astype(dt))
     return jnp.zeros((n, d), dt).at[token].add(y_sorted), sizes
