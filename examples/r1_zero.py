@@ -253,7 +253,7 @@ def parse_args(argv=None):
     g.add_argument("--num-prompts", type=int, default=16)
     g.add_argument("--num-generations", type=int, default=8, help="G")
     g.add_argument("--max-new-tokens", type=int, default=24)
-    g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--learning-rate", type=float, default=2e-4)
     g.add_argument("--beta", type=float, default=0.001, help="KL coefficient (0: no reference model)")
     g.add_argument("--format-weight", type=float, default=0.5)
     g.add_argument("--routing-replay", action=argparse.BooleanOptionalAction, default=True)

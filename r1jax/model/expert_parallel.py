@@ -7,33 +7,37 @@ experts run inside `shard_map`, where the collective pattern is the point:
 
 1. all-gather the tokens over the expert axis: every device of an expert group sees the
    group's ep * n tokens (x [n, d], the chosen expert ids [n, k] and gate weights [n, k]);
-2. each device runs the local grouped matmul (`moe.expert_ffn_blocks`) on the pairs
-   routed to *its* experts: pairs owned elsewhere get an out-of-range id, which the block
-   dispatch skips (no compute), and the weighted sum over a token's local experts;
+2. each device runs the local grouped matmul (`moe.expert_ffn_blocks`) on the pairs routed
+   to *its* experts, one source device's n tokens at a time (a `lax.map` over the ep
+   chunks): pairs owned elsewhere get an out-of-range id, which the block dispatch skips
+   (no compute), and each token's outputs are summed over its local experts with the gate
+   weights;
 3. reduce-scatter (`psum_scatter`) over the expert axis returns to each device the sum
    over all experts of its own tokens. With `expert_mlp` on `tensor` (default rules),
-   each device holds a slice of the hidden width of its experts, so the partial outputs
-   are also summed over `tensor`.
+   each device holds a slice of its experts' hidden width, and the partial outputs are
+   also summed over `tensor`. When the rules do not split the batch over the expert axis,
+   the tokens are already the same on the whole expert group: no gather, a plain psum.
 
-Why all-gather + reduce-scatter rather than all-to-all: it is dropless with static shapes
-and no capacity factor, and a padded all-to-all of (token, expert) pairs would have to
-size every per-peer block for the worst case (all n * k local pairs to one peer), i.e.
-send ep * n * k rows -- k times the ep * n rows gathered here. A token crosses to each
-peer once however many of that peer's experts it chose. `jax.lax.ragged_all_to_all`
-(exact traffic) is not implemented by XLA:CPU, so it could not run in the tests here.
-Communication per MoE layer and device: all-gather ep * n * d activations, reduce-scatter
-the same; for DeepSeek-V3 (k = 8 routed experts per token) on ep = 8, that is the volume
-of an exact pair all-to-all.
+Why all-gather + reduce-scatter rather than all-to-all: dropless with static shapes means
+every buffer is sized for the worst case. A padded all-to-all of (token, expert) pairs
+must size every per-peer block for all n * k local pairs, so it sends ep * n * k rows;
+here a token crosses to each peer once, however many of that peer's experts it chose:
+ep * n rows, k times fewer (for DeepSeek-V3, k = 8 on ep = 8, that is the volume an
+exact pair all-to-all would send). `jax.lax.ragged_all_to_all` (exact traffic, dynamic
+sizes) is not implemented by XLA:CPU ("UNIMPLEMENTED: HLO opcode ragged-all-to-all"), so
+it could not be tested here; it is the natural next step for GPU/TPU runs.
 
-Memory (per device, per MoE layer while it runs; n = local tokens, k = experts per token,
-d = width, f_local = expert hidden width / tensor):
-  gathered tokens and outputs    2 * ep * n * d
-  the sorted, block-padded rows  2 * (ep * n * k + E_local * block) * d, plus
-                                 3 * (the same rows) * f_local for gate/up/hidden
-The padded-row buffers are sized for the worst case, every pair of the expert group
-routed to this device's experts (that is what dropless with static shapes costs); the
-compute only runs the occupied blocks, about n * k rows when the load is balanced.
-`python -m r1jax.plan` reports what the compiler allocates for a real configuration.
+Memory per device while one MoE layer runs (n = local tokens, k = experts per token,
+d = width, E_local = experts per device, f_local = expert hidden width / tensor):
+  gathered tokens and summed outputs      2 * ep * n * d
+  one chunk's sorted, block-padded rows   ~3 * (n * k + E_local * block) * d
+  one chunk's gate/up products            2 * (n * k + E_local * block) * f_local
+i.e. ep * n * d for the exchange plus what the single-device path needs for n tokens.
+Those chunk buffers are sized for the worst case of the chunk (all n * k pairs routed
+to this device); the compute runs only occupied blocks, about n * k / ep rows per chunk
+when the load is balanced. The backward pass keeps each chunk's inputs and recomputes
+its forward (one more expert forward than without chunking), so the block buffers exist
+for one chunk at a time. `python -m r1jax.plan` reports what the compiler allocates.
 
 The result equals the single-device `moe` up to float summation order.
 """
@@ -105,7 +109,9 @@ def routed_experts(x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array
         experts_nk = jnp.pad(experts_nk, ((0, pad), (0, 0)), constant_values=-1)
         weights_nk = jnp.pad(weights_nk, ((0, pad), (0, 0)))
     n_local = (n + pad) // shards
-    block = cfg.moe_block_size or moe_lib.block_size(n_local * k, e_local)
+    chunks = _size(mesh_rules, gather_axes)
+    # rows per local expert in one chunk, on average: n_local * k / E
+    block = cfg.moe_block_size or moe_lib.block_size(n_local * k // chunks, e_local)
 
     def local(x, experts, weights, gate, up, down):
         if gather_axes:
@@ -116,7 +122,15 @@ def routed_experts(x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array
             index = index * mesh.shape[axis] + jax.lax.axis_index(axis)
         ids = experts - index * e_local
         ids = jnp.where((ids >= 0) & (ids < e_local), ids, e_local)  # elsewhere: skipped
-        y, _ = moe_lib.expert_ffn_blocks(x, ids, weights, gate, up, down, block)
+
+        def chunk(args):  # the tokens of one source device
+            return moe_lib.expert_ffn_blocks(*args, gate, up, down, block)[0]
+
+        # Saved for the backward pass: only each chunk's inputs (recomputed from there), so
+        # the block buffers exist for one chunk at a time, not for all ep of them.
+        y = jax.lax.map(jax.checkpoint(chunk), tuple(
+            a.reshape(chunks, n_local, *a.shape[1:]) for a in (x, ids, weights)))
+        y = y.reshape(chunks * n_local, -1)
         if gather_axes:
             y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
         if copy_axes + mlp_axes:

@@ -18,6 +18,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from r1jax.configs import ModelConfig
 from r1jax.model.layers import swiglu
@@ -187,15 +188,17 @@ def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, 
         x_bd, expert, used = args
 
         def compute():
-            g = jnp.einsum("bd,df->bf", x_bd, gate_edf[expert].astype(dt))
-            u = jnp.einsum("bd,df->bf", x_bd, up_edf[expert].astype(dt))
+            g = checkpoint_name(jnp.einsum("bd,df->bf", x_bd, gate_edf[expert].astype(dt)), "moe_gate")
+            u = checkpoint_name(jnp.einsum("bd,df->bf", x_bd, up_edf[expert].astype(dt)), "moe_up")
             return jnp.einsum("bf,fd->bd", jax.nn.silu(g) * u, down_efd[expert].astype(dt))
 
         return jax.lax.cond(used, compute, lambda: jnp.zeros_like(x_bd))
 
-    # Recomputed in the backward pass rather than saved: saved, the loop's residuals would
-    # stack each block's slice of the expert weights, [num_blocks, d, f] per matrix.
-    y_pad = jax.lax.map(jax.checkpoint(one_block),
+    # The backward pass keeps each block's gate and up products ([block, f]) but not the
+    # block's slice of the expert weights: the loop would stack those, [num_blocks, d, f]
+    # per matrix (62 GB per device for DeepSeek-V3 at 4k tokens per device).
+    keep = jax.checkpoint_policies.save_only_these_names("moe_gate", "moe_up")
+    y_pad = jax.lax.map(jax.checkpoint(one_block, policy=keep),
                         (x_pad.reshape(num_blocks, block, d), block_expert, occupied))
     y_sorted = (y_pad.reshape(-1, d).at[dest].get(mode="fill", fill_value=0)
                 * weights_nk.reshape(-1)[order][:, None].astype(dt))
