@@ -344,6 +344,6 @@ def test_load_into_mesh_equals_unsharded_load():
     assert tuple(gate.sharding.spec) == (None, "expert", "fsdp", "tensor")
     assert gate.addressable_shards[0].data.shape == (2, 4, 32, 16)
     k_b = sharded.moe_layers.attn.k_b  # [layers, c, heads, h]: a slice of kv_b_proj
-    assert tuple(k_b.sharding.spec)[:3] == (None, None, "tensor")
+    assert tuple(k_b.sharding.spec)[:3] == (None, "fsdp", "tensor")  # latent rank on fsdp
     for leaf in jax.tree.leaves(sharded):
         assert len(leaf.sharding.device_set) == 8
