@@ -242,7 +242,7 @@ def _gb(x: Optional[int]) -> str:
 
 def format_table(p: MemoryPlan) -> str:
     rows = [
-        ("parameters", p.params, f"{p.param_count / 1e9:.3g}B params, sharded by the rules"),
+        ("parameters", p.params, f"{p.param_count / 1e9:.3g}B parameters (with MTP), sharded"),
         ("optimizer state", p.opt_state, "AdamW moments (parameter dtype)"),
         ("gradients", p.grads, "inside the temporaries"),
         ("batch", p.batch_bytes, f"tokens + mask [{p.batch} x {p.seq}]"),

@@ -189,8 +189,9 @@ def check_divisible(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: 
         axes = _as_tuple(axes)
         parts = math.prod(mesh.shape[a] for a in axes)
         if size % parts:
-            raise ValueError(f"{name}: dimension {dim} has size {size}, not divisible by mesh axis "
-                             f"{'x'.join(axes)} of size {parts}")
+            where = f"mesh axis {axes[0]}" if len(axes) == 1 else f"mesh axes {' x '.join(axes)}"
+            raise ValueError(f"{name}: dimension {dim} has size {size}, not divisible by {where} "
+                             f"of size {parts}")
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]], mesh_rules: Optional[MeshRules]):
@@ -205,6 +206,38 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]], mesh_rules: O
 
 def _divides(size: int, axes: MeshAxes, mesh: Mesh) -> bool:
     return size % math.prod(mesh.shape[a] for a in _as_tuple(axes)) == 0
+
+
+# Batches across processes --------------------------------------------------------------------
+
+def batch_sharding(mesh_rules: MeshRules) -> NamedSharding:
+    """Rows over the rules' `batch` axes, every other dimension whole."""
+    return NamedSharding(mesh_rules.mesh, mesh_rules.rules.spec(("batch",)))
+
+
+def process_rows(mesh_rules: MeshRules, global_rows: int) -> slice:
+    """The rows of a global batch that this process feeds (all of them on one process).
+
+    In a multi-process run each process loads only these rows and passes them to
+    `global_batch`; rows must divide over the batch axes."""
+    sharding = batch_sharding(mesh_rules)
+    check_divisible("batch", (global_rows,), sharding.spec, mesh_rules.mesh)
+    index = sharding.addressable_devices_indices_map((global_rows,)).values()
+    spans = sorted({(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop)
+                    for i in index})
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"this process's devices hold rows {spans} of the batch, not one "
+                         "contiguous slice; order the mesh's devices by process")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def global_batch(local_tree, mesh_rules: MeshRules, global_rows: int):
+    """One global array per leaf from this process's rows (`process_rows`) of each leaf,
+    laid out over the batch axes (`jax.make_array_from_process_local_data`). None leaves
+    stay None."""
+    sharding = batch_sharding(mesh_rules)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, np.asarray(x), (global_rows, *np.shape(x)[1:])), local_tree)
 
 
 # Weight declarations -------------------------------------------------------------------------

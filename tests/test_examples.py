@@ -352,10 +352,8 @@ def test_missing_or_corrupt_checkpoints_give_clear_errors(tmp_path, pretrained):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ckpt.CheckpointNotFoundError, match="no committed step"):
         generate.main(["--checkpoint", str(tmp_path / "empty"), "hello"])
-    with pytest.raises(ckpt.CheckpointMismatchError, match="check --toy-model"):
-        generate.load_checkpoint(pretrained, toy_model="moe")
-    with pytest.raises(SystemExit, match="stores no model config"):
-        generate.load_checkpoint(pretrained, toy_model=None)
+    # pretrain_tiny stores its model config, so --toy-model is not needed (nor trusted)
+    assert generate.load_checkpoint(pretrained, toy_model=None).cfg.model_type == "qwen2"
     # a newest step whose arrays were lost: explicit step fails, default falls back to step 2
     broken = shutil.copytree(pretrained / "checkpoints", tmp_path / "broken" / "checkpoints")
     for f in (broken / "3" / "state").rglob("*"):

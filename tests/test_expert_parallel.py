@@ -26,6 +26,8 @@ MESHES = {
     # batch not split over `expert`: the expert group shares its tokens (no gather, a psum)
     "shared_tokens": ("data=2,expert=4", r1jax.ShardingRules(
         (("batch", "data"), ("embed", "fsdp"), ("experts", "expert")))),
+    # remat=True: the chunks and blocks recompute in the backward pass (same values)
+    "fsdp_ep_remat": ("fsdp=2,expert=4", shd.fsdp_ep_rules()),
 }
 
 
@@ -64,9 +66,11 @@ def _layer_fn(mesh_name):
         spec, rules = MESHES[mesh_name]
         mesh_rules = r1jax.MeshRules(r1jax.make_mesh(spec), rules)
 
+    cfg = CFG.replace(remat=mesh_name is not None and mesh_name.endswith("_remat"))
+
     def f(w, x, probe, experts):
         def loss(w, x):
-            y, stats = moe.moe(w, x, CFG, experts, mesh_rules)
+            y, stats = moe.moe(w, x, cfg, experts, mesh_rules)
             return jnp.sum(y * probe), (y, stats.load)
         (_, (y, load)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, x)
         return y, load, grads

@@ -35,9 +35,11 @@ d = width, E_local = experts per device, f_local = expert hidden width / tensor)
 i.e. ep * n * d for the exchange plus what the single-device path needs for n tokens.
 Those chunk buffers are sized for the worst case of the chunk (all n * k pairs routed
 to this device); the compute runs only occupied blocks, about n * k / ep rows per chunk
-when the load is balanced. The backward pass keeps each chunk's inputs and recomputes
-its forward (one more expert forward than without chunking), so the block buffers exist
-for one chunk at a time. `python -m r1jax.plan` reports what the compiler allocates.
+when the load is balanced. With `ModelConfig.remat` (what large models use) the backward
+pass keeps each chunk's inputs and recomputes its forward (one more expert forward), so
+the block buffers exist for one chunk at a time; without it, every chunk's buffers are
+kept for the backward pass (ep times the above). `python -m r1jax.plan` reports what the
+compiler allocates.
 
 The result equals the single-device `moe` up to float summation order.
 """
@@ -124,12 +126,12 @@ def routed_experts(x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array
         ids = jnp.where((ids >= 0) & (ids < e_local), ids, e_local)  # elsewhere: skipped
 
         def chunk(args):  # the tokens of one source device
-            return moe_lib.expert_ffn_blocks(*args, gate, up, down, block)[0]
+            return moe_lib.expert_ffn_blocks(*args, gate, up, down, block, cfg.remat)[0]
 
-        # Saved for the backward pass: only each chunk's inputs (recomputed from there), so
-        # the block buffers exist for one chunk at a time, not for all ep of them.
-        y = jax.lax.map(jax.checkpoint(chunk), tuple(
-            a.reshape(chunks, n_local, *a.shape[1:]) for a in (x, ids, weights)))
+        if cfg.remat:  # the backward pass keeps each chunk's inputs and recomputes from
+            chunk = jax.checkpoint(chunk)  # there: block buffers for one chunk at a time
+        y = jax.lax.map(chunk, tuple(a.reshape(chunks, n_local, *a.shape[1:])
+                                     for a in (x, ids, weights)))
         y = y.reshape(chunks * n_local, -1)
         if gather_axes:
             y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)

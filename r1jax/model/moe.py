@@ -161,10 +161,15 @@ def _sorted_pairs(experts_nk: jax.Array, num_experts: int):
     return flat, order, sizes
 
 
-def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, block: int):
+def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, block: int,
+                      remat: bool = False):
     """Sorted, block-padded grouped SwiGLU: compute is (n*k + experts*block) rows at most,
     and only the occupied blocks run. Pairs whose expert id is outside [0, e) are skipped
-    (no compute, zero output): expert parallelism marks pairs owned elsewhere that way."""
+    (no compute, zero output): expert parallelism marks pairs owned elsewhere that way.
+
+    remat: keep only each block's gate and up products for the backward pass. Without it
+    the loop also saves each block's slice of the expert weights, [blocks, d, f] per matrix
+    (62 GB per device for DeepSeek-V3 at 4k tokens per device)."""
     n, k = experts_nk.shape
     e, d, _ = gate_edf.shape
     dt = x_nd.dtype
@@ -194,12 +199,10 @@ def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, 
 
         return jax.lax.cond(used, compute, lambda: jnp.zeros_like(x_bd))
 
-    # The backward pass keeps each block's gate and up products ([block, f]) but not the
-    # block's slice of the expert weights: the loop would stack those, [num_blocks, d, f]
-    # per matrix (62 GB per device for DeepSeek-V3 at 4k tokens per device).
-    keep = jax.checkpoint_policies.save_only_these_names("moe_gate", "moe_up")
-    y_pad = jax.lax.map(jax.checkpoint(one_block, policy=keep),
-                        (x_pad.reshape(num_blocks, block, d), block_expert, occupied))
+    if remat:
+        keep = jax.checkpoint_policies.save_only_these_names("moe_gate", "moe_up")
+        one_block = jax.checkpoint(one_block, policy=keep)
+    y_pad = jax.lax.map(one_block, (x_pad.reshape(num_blocks, block, d), block_expert, occupied))
     y_sorted = (y_pad.reshape(-1, d).at[dest].get(mode="fill", fill_value=0)
                 * weights_nk.reshape(-1)[order][:, None].astype(dt))
     return jnp.zeros((n, d), dt).at[token].add(y_sorted), sizes
@@ -224,8 +227,9 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     """Routed experts + shared experts: [b, t, d] -> ([b, t, d], MoEStats).
 
     With a `mesh_rules` whose rules place `experts` on mesh axes of total size > 1, the
-    routed experts run expert-parallel (`r1jax.model.expert_parallel`); routing and the
-    shared experts stay in the sharded-jit world either way."""
+    routed experts run expert-parallel (`r1jax.model.expert_parallel`, always with the
+    block dispatch, whatever `moe_matmul` says); routing and the shared experts stay in
+    the sharded-jit world either way."""
     from r1jax.model import expert_parallel  # imports this module
 
     b, t, d = x_btd.shape
@@ -239,7 +243,7 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
         y, load = expert_ffn_ragged(x_nd, experts, weights, w.gate, w.up, w.down)
     else:
         blk = cfg.moe_block_size or block_size(b * t * cfg.num_experts_per_tok, cfg.n_routed_experts)
-        y, load = expert_ffn_blocks(x_nd, experts, weights, w.gate, w.up, w.down, blk)
+        y, load = expert_ffn_blocks(x_nd, experts, weights, w.gate, w.up, w.down, blk, cfg.remat)
     if w.shared is not None:
         y = y + swiglu(x_nd, w.shared.gate, w.shared.up, w.shared.down)
     experts_btk = experts.reshape(b, t, -1)
