@@ -58,9 +58,10 @@ def host_batch(cfg, seed: int) -> dict:
     lengths = rng.integers(3, 10, ROWS)
     pos = np.arange(1, SEQ)[None]
     rewards = rng.random((ROWS // 2, 2)).astype(np.float32)
+    advantages = grpo.group_advantages(jnp.asarray(rewards), True)
     return dict(tokens=rng.integers(2, cfg.vocab_size, (ROWS, SEQ)).astype(np.int32),
                 mask=((pos >= 5) & (pos < 5 + lengths[:, None])).astype(np.float32),
-                advantages=np.asarray(grpo.group_advantages(jnp.asarray(rewards), True)).reshape(-1),
+                advantages=np.asarray(advantages).reshape(-1),
                 rewards=rewards.reshape(-1), lengths=lengths.astype(np.int32),
                 truncated=np.zeros(ROWS, bool),
                 ref_logp=(np.log(1 / cfg.vocab_size) + 0.5 * rng.standard_normal((ROWS, SEQ - 1))
@@ -85,7 +86,8 @@ def run(mesh_spec: str, steps: int, devices=None, checkpoint_dir=None) -> dict:
     state = jax.jit(functools.partial(training.init_train_state, optimizer=optimizer,
                                       key=jax.random.key(1)), out_shardings=shardings)(params)
     step = make_train_step(cfg, GCFG, optimizer, mesh_rules=mesh_rules, state_shardings=shardings)
-    checksum = jax.jit(lambda p: sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(p)))
+    checksum = jax.jit(lambda p: sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                     for x in jax.tree.leaves(p)))
 
     rows = shd.process_rows(mesh_rules, ROWS)
     losses, out = [], {"process_rows": [rows.start, rows.stop], "devices": jax.device_count(),

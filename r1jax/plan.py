@@ -169,7 +169,8 @@ def plan_here(model: str, mesh_spec: str, rules: str = "fsdp_tp_ep", batch: Opti
     if not compile:
         result.notes.append("not compiled: activations and compiler temporaries unknown")
         return result
-    step = training.make_lm_train_step(cfg, optimizer, mesh_rules=mesh_rules, state_shardings=shardings)
+    step = training.make_lm_train_step(cfg, optimizer, mesh_rules=mesh_rules,
+                                       state_shardings=shardings)
     start = time.perf_counter()
     compiled = step.lower(state, tokens, mask).compile()
     result.compile_seconds = time.perf_counter() - start
@@ -270,7 +271,8 @@ def format_table(p: MemoryPlan) -> str:
 def main(argv=None) -> int:
     from r1jax import configs, sharding as shd
 
-    parser = argparse.ArgumentParser(prog="python -m r1jax.plan", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m r1jax.plan",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(configs.PRESETS))
     parser.add_argument("--mesh", required=True, help='e.g. "fsdp=32,expert=8"')
     parser.add_argument("--rules", default="fsdp_tp_ep", choices=sorted(shd.RULE_PRESETS))

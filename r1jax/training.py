@@ -121,7 +121,7 @@ def lm_loss(params: Params, tokens_bt: jax.Array, mask_bt: jax.Array, cfg: Model
     mask [b, t]: 1 where token t is a training target (e.g. completion tokens in SFT).
     Returns (loss, (metrics, expert load [l, e] or None)).
     """
-    out = forward(params, tokens_bt, cfg, mesh_rules=mesh_rules)
+    out = forward(params, tokens_bt, cfg, token_mask=mask_bt > 0, mesh_rules=mesh_rules)
     ce = next_token_loss(out.logits, tokens_bt, mask_bt)
     loss, metrics = ce, {"ce": ce}
     if out.mtp_logits is not None and mtp_weight:

@@ -20,6 +20,16 @@ import multihost_worker  # noqa: E402
 MESH, STEPS, TIMEOUT = "data=2,fsdp=2", 3, 420
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """XLA:CPU with most optimisations off compiles about twice as fast; these programs are
+    tiny, so compiling is what takes the time. Restored after this module."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -36,11 +46,12 @@ def two_processes(tmp_path_factory):
     procs = []
     for pid in range(2):
         cmd = [sys.executable, str(ROOT / "examples" / "multihost_worker.py"),
-               "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid),
+               "--coordinator", f"localhost:{port}", "--num-processes", "2",
+               "--process-id", str(pid),
                "--mesh", MESH, "--steps", str(STEPS), "--checkpoint-dir", str(tmp / "ckpt"),
                "--out", str(tmp / f"p{pid}.json")]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
         for p in procs:
@@ -73,7 +84,8 @@ def test_equals_single_process(two_processes):
     assert min(abs(x) for x in single["losses"]) > 1e-3  # a loss that depends on the parameters
     np.testing.assert_allclose(two_processes[0]["losses"], single["losses"], rtol=1e-5)
     np.testing.assert_allclose(two_processes[0]["grad_norms"], single["grad_norms"], rtol=1e-5)
-    np.testing.assert_allclose(two_processes[0]["checksum_final"], single["checksum_final"], rtol=1e-5)
+    np.testing.assert_allclose(two_processes[0]["checksum_final"], single["checksum_final"],
+                               rtol=1e-5)
 
 
 def test_checkpoint_written_and_restored_by_both(two_processes):

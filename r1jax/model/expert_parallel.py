@@ -77,10 +77,12 @@ def enabled(cfg: ModelConfig, mesh_rules: Optional[MeshRules]) -> bool:
     """True when the routed experts are split over mesh axes of total size > 1."""
     if mesh_rules is None or not cfg.n_routed_experts:
         return False
-    ep = _size(mesh_rules, expert_axes(mesh_rules))
+    axes = expert_axes(mesh_rules)
+    ep = _size(mesh_rules, axes)
     if ep > 1 and cfg.n_routed_experts % ep:
+        where = f"mesh axis {axes[0]}" if len(axes) == 1 else f"mesh axes {' x '.join(axes)}"
         raise ValueError(f"expert parallelism: n_routed_experts={cfg.n_routed_experts} is not "
-                         f"divisible by mesh axis {'x'.join(expert_axes(mesh_rules))} of size {ep}")
+                         f"divisible by {where} of size {ep}")
     return ep > 1
 
 

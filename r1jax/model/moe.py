@@ -193,8 +193,9 @@ def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, 
         x_bd, expert, used = args
 
         def compute():
-            g = checkpoint_name(jnp.einsum("bd,df->bf", x_bd, gate_edf[expert].astype(dt)), "moe_gate")
-            u = checkpoint_name(jnp.einsum("bd,df->bf", x_bd, up_edf[expert].astype(dt)), "moe_up")
+            g = jnp.einsum("bd,df->bf", x_bd, gate_edf[expert].astype(dt))
+            u = jnp.einsum("bd,df->bf", x_bd, up_edf[expert].astype(dt))
+            g, u = checkpoint_name(g, "moe_gate"), checkpoint_name(u, "moe_up")
             return jnp.einsum("bf,fd->bd", jax.nn.silu(g) * u, down_efd[expert].astype(dt))
 
         return jax.lax.cond(used, compute, lambda: jnp.zeros_like(x_bd))
@@ -223,13 +224,15 @@ def expert_ffn_ragged(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
 
 
 def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
-        experts_btk: Optional[jax.Array] = None, mesh_rules=None) -> tuple[jax.Array, MoEStats]:
+        experts_btk: Optional[jax.Array] = None, mesh_rules=None,
+        token_mask_bt: Optional[jax.Array] = None) -> tuple[jax.Array, MoEStats]:
     """Routed experts + shared experts: [b, t, d] -> ([b, t, d], MoEStats).
 
     With a `mesh_rules` whose rules place `experts` on mesh axes of total size > 1, the
     routed experts run expert-parallel (`r1jax.model.expert_parallel`, always with the
     block dispatch, whatever `moe_matmul` says); routing and the shared experts stay in
-    the sharded-jit world either way."""
+    the sharded-jit world either way. `token_mask_bt` marks real tokens: padding is left
+    out of the expert loads and the balance loss."""
     from r1jax.model import expert_parallel  # imports this module
 
     b, t, d = x_btd.shape
@@ -247,6 +250,12 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     if w.shared is not None:
         y = y + swiglu(x_nd, w.shared.gate, w.shared.up, w.shared.down)
     experts_btk = experts.reshape(b, t, -1)
-    balance = (sequence_balance_loss(scores.reshape(b, t, -1), experts_btk, cfg)
+    mask = None
+    if token_mask_bt is not None:
+        mask = token_mask_bt.astype(jnp.float32)
+        counted = jnp.repeat(mask.reshape(-1), cfg.num_experts_per_tok)
+        load = jnp.bincount(experts.reshape(-1), weights=counted, length=cfg.n_routed_experts)
+        load = load.astype(jnp.int32)
+    balance = (sequence_balance_loss(scores.reshape(b, t, -1), experts_btk, cfg, mask)
                if cfg.aux_loss_alpha else jnp.zeros((), jnp.float32))
     return y.reshape(b, t, d), MoEStats(load, balance, experts_btk, weights.reshape(b, t, -1))

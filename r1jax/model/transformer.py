@@ -127,7 +127,7 @@ def param_count(cfg: ModelConfig, with_mtp: bool = False) -> int:
 # Forward -------------------------------------------------------------------------------------
 
 def block(w: BlockWeights, h_btd, cos, sin, mask_bts, cfg: ModelConfig,
-          cache: Optional[LayerCache], start_b, experts_btk=None, mesh_rules=None):
+          cache: Optional[LayerCache], start_b, experts_btk=None, mesh_rules=None, token_mask=None):
     """One pre-norm residual block. Returns (h, new layer cache, MoEStats or None)."""
     x = rms_norm(h_btd, w.attn_norm, cfg.rms_norm_eps)
     if cfg.is_mla:
@@ -138,18 +138,18 @@ def block(w: BlockWeights, h_btd, cos, sin, mask_bts, cfg: ModelConfig,
     x = rms_norm(h_btd, w.mlp_norm, cfg.rms_norm_eps)
     stats = None
     if isinstance(w.mlp, MoEWeights):
-        m, stats = moe(w.mlp, x, cfg, experts_btk, mesh_rules)
+        m, stats = moe(w.mlp, x, cfg, experts_btk, mesh_rules, token_mask)
     else:
         m = swiglu(x, w.mlp.gate, w.mlp.up, w.mlp.down)
     return constrain(h_btd + m, ("batch", "seq", "act_embed"), mesh_rules), cache, stats
 
 
 def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
-               return_hidden, mesh_rules):
+               return_hidden, mesh_rules, token_mask=None):
     def body(h, xs):
         w, layer_cache, experts = xs
         h, layer_cache, stats = block(w, h, cos, sin, mask, cfg, layer_cache, start, experts,
-                                      mesh_rules)
+                                      mesh_rules, token_mask)
         return h, (layer_cache, stats, h if return_hidden else None)
 
     if cfg.remat:
@@ -173,7 +173,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
             positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
             cache: Optional[KVCache] = None, *, routing: Optional[dict] = None,
             return_hidden: bool = False, with_mtp: bool = True,
-            logits_at: Optional[jax.Array] = None,
+            logits_at: Optional[jax.Array] = None, token_mask: Optional[jax.Array] = None,
             mesh_rules: Optional[MeshRules] = None) -> ModelOutput:
     """Runs the model on tokens [b, t] int32.
 
@@ -185,6 +185,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
       routing afresh (the gate weights are still recomputed).
     logits_at [b]: compute logits only at this position of each row ([b, 1, v]); saves the
       output head over a whole prefill.
+    token_mask [b, t]: real tokens (padding is left out of MoE loads and balance loss).
     with_mtp: also run the multi-token-prediction module when params have one (without a
       cache; the sampler drives MTP drafting itself through `r1jax.model.mtp.mtp_forward`).
     """
@@ -215,7 +216,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
             continue
         layer_cache = getattr(cache, group) if cache is not None else None
         h, (layer_cache, stats, hs) = _run_stack(stack, h, cos, sin, mask, cfg, layer_cache, start,
-                                                 routing.get(group), return_hidden, mesh_rules)
+                                                 routing.get(group), return_hidden, mesh_rules,
+                                                 token_mask)
         new_cache[group] = layer_cache
         if return_hidden:
             hidden.append(hs)

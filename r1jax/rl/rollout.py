@@ -130,13 +130,15 @@ def collect_groups(generate: Callable[[list, jax.Array], Groups], next_examples:
 
 def policy_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, temperature: float = 1.0,
                     experts: Optional[jax.Array] = None, mesh_rules: Optional[MeshRules] = None,
-                    with_entropy: bool = False):
+                    with_entropy: bool = False, token_mask: Optional[jax.Array] = None):
     """(log pi(token t+1 | tokens <= t) [n, T-1] float32, entropy [n, T-1] or None, aux).
 
-    The trainer's log-probs; `experts` [n, l_moe, T, k] replays a recorded routing.
+    The trainer's log-probs; `experts` [n, l_moe, T, k] replays a recorded routing;
+    `token_mask` [n, T] marks real tokens (for the MoE load statistics).
     """
     routing = None if experts is None else {"moe": jnp.moveaxis(experts, 0, 1)}
-    out = forward(params, tokens_nT, cfg, routing=routing, with_mtp=False, mesh_rules=mesh_rules)
+    out = forward(params, tokens_nT, cfg, routing=routing, with_mtp=False, token_mask=token_mask,
+                  mesh_rules=mesh_rules)
     logits = out.logits[:, :-1]
     logp = token_logprobs(logits, tokens_nT[:, 1:], temperature)
     return logp, (token_entropy(logits, temperature) if with_entropy else None), out.aux
