@@ -49,15 +49,6 @@ def _routing(case: str) -> np.ndarray:
 CASES = ("routed", "one_expert_takes_all", "most_idle", "same_expert_twice")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """XLA:CPU with most optimisations off compiles about twice as fast; these programs are
-    tiny, so compiling is what takes the time. Restored after this module."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
 
 @functools.lru_cache(maxsize=None)
 def _inputs():

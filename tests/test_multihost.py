@@ -20,15 +20,6 @@ import multihost_worker  # noqa: E402
 MESH, STEPS, TIMEOUT = "data=2,fsdp=2", 3, 420
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """XLA:CPU with most optimisations off compiles about twice as fast; these programs are
-    tiny, so compiling is what takes the time. Restored after this module."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -41,15 +41,6 @@ STOPS = tuple(TOK.token_to_id(c) for c in "ABCDEFGHIJKLM")
 SCFG = SamplingConfig(max_new_tokens=N, temperature=1.0, stop_token_ids=STOPS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _few_xla_optimisations():
-    """Every program here is tiny and runs a few times, so compiling is nearly all the cost:
-    ask XLA for little optimisation work (same semantics), and restore the flag after."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
 
 def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(np.asarray(x)), tree)

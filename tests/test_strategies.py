@@ -38,15 +38,6 @@ CASES = [
 ]
 IDS = [c[0] for c in CASES]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """XLA:CPU with most optimisations off compiles about twice as fast; these programs are
-    tiny, so compiling is what takes the time. Restored after this module."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 N, T = 8, 12  # GRPO rows (4 prompts x G=2) and sequence length
 # beta > 0 against a fixed reference: with mu = 1 the surrogate's value does not depend on
 # the parameters (ratio 1), the KL term does.
