@@ -20,7 +20,7 @@ import math
 import os
 import pathlib
 import struct
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp

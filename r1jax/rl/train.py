@@ -9,7 +9,6 @@ when `router_bias_rate > 0`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import jax
