@@ -13,6 +13,7 @@ benchmark's "limit fraction" is `time_floor / measured time` (1.0 = at the machi
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -106,12 +107,11 @@ def machine() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "numpy": np.__version__,
             "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    try:
-        import torch
-        import transformers
-        info.update(torch=torch.__version__, transformers=transformers.__version__)
-    except ImportError:
-        pass
+    for package in ("torch", "transformers"):  # versions only: importing torch here would slow it
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return info
 
 

@@ -63,10 +63,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,12 +81,13 @@ from r1jax import configs
 from r1jax.model import cache as cache_lib
 from r1jax.sampling import SamplingConfig, sample
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 import common  # noqa: E402  (examples/benchmarks/common.py)
 
 MODELS = {"deepseek": "bench_small_deepseek", "qwen2": "bench_small_qwen2"}
 QUICK_MODELS = {"deepseek": "tiny_moe", "qwen2": "tiny_dense"}
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sampling.json")
+DEFAULT_OUT = os.path.join(HERE, "results", "sampling.json")
 MATCH_TOLERANCE = 1e-3
 BYTES = 4  # float32
 
@@ -217,55 +222,32 @@ def time_r1jax(params, cfg, tokens, lengths, scfg: SamplingConfig, repeats: int,
 
 # Hugging Face ---------------------------------------------------------------------------------
 
-def import_peer():
-    try:
-        import torch
-        import transformers
-    except ImportError as e:
-        return None, f"not importable: {e}"
-    return (torch, transformers), None
+def peer_available() -> Optional[str]:
+    """None when torch and transformers are installed, else why not (nothing is imported:
+    PyTorch runs in a child process, see hf_peer.py)."""
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
 
 
-def load_peer(peer, cfg, params, folder: str):
-    torch, transformers = peer
-    r1jax.save_hf(folder, cfg, params)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def logits_match(peer, model, cfg, params, seed: int) -> float:
-    """Max |HF logits - r1jax logits| over a [2, 16] input."""
-    torch, _ = peer
-    tokens, _ = random_prompts(cfg, 2, 16, seed + 1)
-    ours = np.asarray(r1jax.forward(params, jnp.asarray(tokens), cfg, with_mtp=False).logits)
-    with torch.no_grad():
-        theirs = model(torch.from_numpy(tokens).long()).logits.float().numpy()
-    return float(np.max(np.abs(ours - theirs)))
-
-
-def time_peer(peer, model, tokens, new_tokens: int, repeats: int):
-    torch, _ = peer
-    ids = torch.from_numpy(tokens).long()
-    mask = torch.ones_like(ids)
-
-    def generate(n):
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                                 top_p=1.0, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                                 pad_token_id=0)
-        assert out.shape[1] == ids.shape[1] + n, out.shape
-        return out
-
-    generate(min(4, new_tokens))  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        generate(new_tokens)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), times
+def run_peer(cfg, params, prompts: dict, args) -> dict:
+    """Writes the weights (`r1jax.save_hf`) and inputs, runs hf_peer.py in a child process,
+    returns its JSON: logits_max_abs_diff and runs[batch] = {median_s, times_s}."""
+    with tempfile.TemporaryDirectory(prefix="r1jax_bench_") as folder:
+        r1jax.save_hf(os.path.join(folder, "model"), cfg, params)
+        check, _ = random_prompts(cfg, 2, 16, args.seed + 1)
+        logits = np.asarray(r1jax.forward(params, jnp.asarray(check), cfg, with_mtp=False).logits)
+        np.savez(os.path.join(folder, "inputs.npz"), check_tokens=check, check_logits=logits,
+                 **{f"prompt_{b}": tokens for b, tokens in prompts.items()})
+        out = os.path.join(folder, "hf.json")
+        cmd = [sys.executable, os.path.join(HERE, "hf_peer.py"), "--model-dir", os.path.join(folder, "model"),
+               "--inputs", os.path.join(folder, "inputs.npz"), "--new-tokens", str(args.new_tokens),
+               "--repeats", str(args.repeats), "--threads", str(args.torch_threads), "--out", out]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.splitlines()[-15:])
+            raise RuntimeError(f"hf_peer.py failed (exit {proc.returncode}):\n{tail}")
+        with open(out) as f:
+            return json.load(f)
 
 
 # MTP speculative decoding -------------------------------------------------------------------
@@ -292,9 +274,7 @@ def measure_speculative(cfg, batch, args, limits_repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    peer, peer_reason = (None, "--skip-peer") if args.skip_peer else import_peer()
-    if peer is not None:
-        peer[0].set_num_threads(args.torch_threads)
+    peer_reason = "--skip-peer" if args.skip_peer else peer_available()
     print(f"measuring this machine's limits ({'quick' if args.quick else 'full'})...", flush=True)
     load_before = common.load_average()
     limits = common.measure_limits(args.quick)
@@ -302,7 +282,7 @@ def main(argv=None):
           f"{limits.bandwidth_bytes / 1e9:.2f} GB/s, load average {load_before:.2f}", flush=True)
 
     record = {"benchmark": "sampling", "machine": common.machine(), "limits": limits.as_dict(),
-              "args": {k: v for k, v in vars(args).items()}, "peer": None if peer else peer_reason,
+              "args": {k: v for k, v in vars(args).items()}, "peer": peer_reason or "transformers generate() in a child process",
               "models": {}, "rows": []}
     rows = []
     for name in args.models:
@@ -322,18 +302,10 @@ def main(argv=None):
         print(f"{name}: {info['params'] / 1e6:.1f}M parameters, cache {per_layer} B/token/layer "
               f"(full KV {full_layer})", flush=True)
 
-        model, folder = None, None
-        if peer is not None:
-            folder = tempfile.TemporaryDirectory(prefix="r1jax_bench_")
-            model = load_peer(peer, cfg, params, folder.name)
-            diff = logits_match(peer, model, cfg, params, args.seed)
-            info["hf_logits_max_abs_diff"] = diff
-            info["hf_logits_match"] = diff < MATCH_TOLERANCE
-            print(f"  HF vs r1jax logits: max abs diff {diff:.2e} "
-                  f"({'match' if diff < MATCH_TOLERANCE else 'MISMATCH'})", flush=True)
-
+        prompts, model_rows = {}, []
         for batch in args.batch_sizes:
             tokens, lengths = random_prompts(cfg, batch, args.prompt_len, args.seed + batch)
+            prompts[batch] = tokens
             scfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0)
             cost = generate_cost(cfg, sizes, batch, args.prompt_len, args.new_tokens)
             floor = limits.time_floor(cost["flops"], cost["bytes"])
@@ -342,27 +314,40 @@ def main(argv=None):
             new = batch * args.new_tokens
             row = {"model": name, "batch": batch, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, **cost, "floor_s": floor, "floor_phased_s": phased,
-                   "floor_tokens_per_s": new / floor}
-            load0 = common.load_average()
+                   "floor_tokens_per_s": new / floor, "load_before": common.load_average()}
             med, times, compile_s, out = time_r1jax(params, cfg, tokens, lengths, scfg, args.repeats,
                                                     args.seed)
-            assert int(np.min(np.asarray(out.lengths))) == args.new_tokens, "a row stopped early"
+            if int(np.min(np.asarray(out.lengths))) != args.new_tokens:
+                raise RuntimeError("a row stopped before max_new_tokens although no stop tokens are set")
             row.update(r1jax_s=med, r1jax_times_s=times, r1jax_compile_s=compile_s,
                        r1jax_tokens_per_s=new / med, limit_fraction=floor / med,
-                       limit_fraction_phased=phased / med, load_before=load0)
+                       limit_fraction_phased=phased / med, load_after=common.load_average())
             print(f"  batch {batch}: r1jax {new / med:.1f} tok/s ({med:.2f} s; compile+run "
                   f"{compile_s:.1f} s), limit fraction {floor / med:.2f}", flush=True)
-            if model is not None:
-                hf_s, hf_times = time_peer(peer, model, tokens, args.new_tokens, args.repeats)
-                row.update(hf_s=hf_s, hf_times_s=hf_times, hf_tokens_per_s=new / hf_s,
-                           ratio=hf_s / med, hf_limit_fraction=floor / hf_s)
-                print(f"  batch {batch}: HF {new / hf_s:.1f} tok/s ({hf_s:.2f} s), "
-                      f"r1jax/HF {hf_s / med:.2f}x", flush=True)
-            row["load_after"] = common.load_average()
-            rows.append(row)
-        if folder is not None:
-            folder.cleanup()
-        del model
+            model_rows.append(row)
+
+        if peer_reason is None:
+            load0 = common.load_average()
+            try:
+                hf = run_peer(cfg, params, prompts, args)
+            except RuntimeError as e:  # a failing peer is a finding, not a crash
+                print(f"  HF: {e}", flush=True)
+                info["hf_error"] = str(e)
+                hf = None
+            if hf is not None:
+                diff = hf["logits_max_abs_diff"]
+                info.update(hf_logits_max_abs_diff=diff, hf_logits_match=diff < MATCH_TOLERANCE,
+                            hf_class=hf["class"], hf_load_before=load0, hf_load_after=common.load_average())
+                print(f"  HF vs r1jax logits: max abs diff {diff:.2e} "
+                      f"({'match' if diff < MATCH_TOLERANCE else 'MISMATCH'})", flush=True)
+                for row in model_rows:
+                    run = hf["runs"][str(row["batch"])]
+                    new = row["batch"] * args.new_tokens
+                    row.update(hf_s=run["median_s"], hf_times_s=run["times_s"],
+                               hf_tokens_per_s=new / run["median_s"], ratio=run["median_s"] / row["r1jax_s"],
+                               hf_limit_fraction=row["floor_s"] / run["median_s"])
+                    print(f"  batch {row['batch']}: r1jax/HF {row['ratio']:.2f}x", flush=True)
+        rows.extend(model_rows)
 
         if cfg.is_mla and cfg.n_routed_experts and not args.skip_spec:
             spec = measure_speculative(cfg, args.spec_batch_size, args, args.repeats)
