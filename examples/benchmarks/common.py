@@ -35,6 +35,7 @@ class Limits:
     bandwidth_bytes: float
     matmul_size: int
     bandwidth_mbytes: int
+    dot_stream_bytes: float = float("nan")  # informational: see dot_stream_bandwidth
 
     def time_floor(self, flops: float, nbytes: float) -> float:
         """Seconds the machine needs at least: the slower of compute and memory traffic."""
@@ -42,7 +43,8 @@ class Limits:
 
     def as_dict(self) -> dict:
         return {"matmul_gflops": self.matmul_flops / 1e9, "bandwidth_gbytes": self.bandwidth_bytes / 1e9,
-                "matmul_size": self.matmul_size, "bandwidth_mbytes": self.bandwidth_mbytes}
+                "matmul_size": self.matmul_size, "bandwidth_mbytes": self.bandwidth_mbytes,
+                "dot_stream_gbytes": self.dot_stream_bytes / 1e9}
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -82,9 +84,29 @@ def memory_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
     return x.nbytes / best_time(lambda: total(x), repeats)
 
 
+def dot_stream_bandwidth(rows: int = 8, mbytes: int = 144, repeats: int = 3) -> float:
+    """Weight bytes/s of a chain of [rows, 512] x [512, 1536] float32 matmuls whose weights
+    (`mbytes` MiB in all) do not fit in cache: what a decode step's projections can stream.
+    Informational (not part of the time floor): on 2 cores it is about half of
+    `memory_bandwidth`, for XLA and for PyTorch alike."""
+    count = max(1, mbytes * 2 ** 20 // (512 * 1536 * 4))
+    weights = [jnp.full((512, 1536), 1e-3 * (i + 1), jnp.float32) for i in range(count)]
+    x = jnp.ones((rows, 512), jnp.float32)
+
+    @jax.jit
+    def chain(x, weights):
+        total = jnp.zeros((rows, 1536), jnp.float32)
+        for w in weights:  # independent products: only the weight traffic is timed
+            total = total + x @ w
+        return total
+
+    return count * 512 * 1536 * 4 / best_time(lambda: chain(x, weights), repeats)
+
+
 def measure_limits(quick: bool = False) -> Limits:
     size, mbytes = (256, 16) if quick else (2048, 512)
-    return Limits(matmul_peak(size), memory_bandwidth(mbytes), size, mbytes)
+    return Limits(matmul_peak(size), memory_bandwidth(mbytes), size, mbytes,
+                  dot_stream_bandwidth(mbytes=8 if quick else 144))
 
 
 def load_average() -> float:
@@ -105,7 +127,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "numpy": np.__version__,
+    import r1jax
+
+    info = {"cpu": cpu, "cores": os.cpu_count(), "r1jax": os.path.dirname(r1jax.__file__),
+            "jax": jax.__version__, "numpy": np.__version__,
             "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     for package in ("torch", "transformers"):  # versions only: importing torch here would slow it
         try:

@@ -45,7 +45,10 @@ stop tokens, so every row generates every token.
       of distinct experts b rows pick uniformly, E * (1 - (1 - k/E)^b)) + the valid cache
       read, b * L * (P + j) * cache values per token per layer * 4 bytes.
   (JSON also holds `floor_phased_s` = max(F/P, M/B) of prefill + the same of decode, a
-  tighter floor: prefill is compute-bound and decode memory-bound.)
+  tighter floor: prefill is compute-bound and decode memory-bound; and `floor_dot_stream_s`,
+  the phased floor with decode bytes at the rate a chain of [8, 512] x [512, 1536] matmuls
+  over cold weights streams them (`common.dot_stream_bandwidth`, about half of B on this
+  2-core machine for XLA and PyTorch alike): the table's "limit frac (dot bw)".)
 
 - Cache bytes per token: r1jax's cache (`r1jax.model.cache.values_per_token_per_layer`:
   MLA latent + RoPE key, kv_lora_rank + qk_rope_head_dim) against full per-head keys and
@@ -279,7 +282,8 @@ def main(argv=None):
     load_before = common.load_average()
     limits = common.measure_limits(args.quick)
     print(f"  matmul {limits.matmul_flops / 1e9:.1f} GFLOP/s, bandwidth "
-          f"{limits.bandwidth_bytes / 1e9:.2f} GB/s, load average {load_before:.2f}", flush=True)
+          f"{limits.bandwidth_bytes / 1e9:.2f} GB/s, matmul weight streaming "
+          f"{limits.dot_stream_bytes / 1e9:.2f} GB/s, load average {load_before:.2f}", flush=True)
 
     record = {"benchmark": "sampling", "machine": common.machine(), "limits": limits.as_dict(),
               "args": {k: v for k, v in vars(args).items()}, "peer": peer_reason or "transformers generate() in a child process",
@@ -314,14 +318,20 @@ def main(argv=None):
             new = batch * args.new_tokens
             row = {"model": name, "batch": batch, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, **cost, "floor_s": floor, "floor_phased_s": phased,
-                   "floor_tokens_per_s": new / floor, "load_before": common.load_average()}
+                   "floor_tokens_per_s": new / floor, "load_before": common.load_average(),
+                   # informational: the decode bytes at the rate matmuls actually stream
+                   "floor_dot_stream_s": (limits.time_floor(cost["prefill_flops"], cost["prefill_bytes"])
+                                          + max(cost["decode_flops"] / limits.matmul_flops,
+                                                cost["decode_bytes"] / limits.dot_stream_bytes))}
             med, times, compile_s, out = time_r1jax(params, cfg, tokens, lengths, scfg, args.repeats,
                                                     args.seed)
             if int(np.min(np.asarray(out.lengths))) != args.new_tokens:
                 raise RuntimeError("a row stopped before max_new_tokens although no stop tokens are set")
             row.update(r1jax_s=med, r1jax_times_s=times, r1jax_compile_s=compile_s,
                        r1jax_tokens_per_s=new / med, limit_fraction=floor / med,
-                       limit_fraction_phased=phased / med, load_after=common.load_average())
+                       limit_fraction_phased=phased / med,
+                       limit_fraction_dot_stream=row["floor_dot_stream_s"] / med,
+                       load_after=common.load_average())
             print(f"  batch {batch}: r1jax {new / med:.1f} tok/s ({med:.2f} s; compile+run "
                   f"{compile_s:.1f} s), limit fraction {floor / med:.2f}", flush=True)
             model_rows.append(row)
@@ -358,7 +368,7 @@ def main(argv=None):
 
     record["rows"] = rows
     header = ["model", "batch", "r1jax tok/s", "HF tok/s", "r1jax/HF", "floor tok/s", "limit frac",
-              "HF limit frac", "cache B/tok (full KV)", "MTP speedup (accept)"]
+              "HF limit frac", "limit frac (dot bw)", "cache B/tok (full KV)", "MTP speedup (accept)"]
     table = []
     for row in rows:
         info = record["models"][row["model"]]
@@ -366,12 +376,14 @@ def main(argv=None):
         spec = info.get("speculative")
         table.append([row["model"], row["batch"], row["r1jax_tokens_per_s"], row.get("hf_tokens_per_s"),
                       row.get("ratio"), row["floor_tokens_per_s"], row["limit_fraction"],
-                      row.get("hf_limit_fraction"), f"{c['total']} ({c['full_kv_total']})",
+                      row.get("hf_limit_fraction"), row["limit_fraction_dot_stream"],
+                      f"{c['total']} ({c['full_kv_total']})",
                       f"{spec['speedup']:.2f} ({spec['acceptance_rate']:.2f})" if spec else None])
     print()
     print(common.format_table(header, table))
     print(f"limits: matmul {limits.matmul_flops / 1e9:.1f} GFLOP/s, bandwidth "
-          f"{limits.bandwidth_bytes / 1e9:.2f} GB/s; prompt {args.prompt_len}, new {args.new_tokens}, "
+          f"{limits.bandwidth_bytes / 1e9:.2f} GB/s (matmul weight streaming "
+          f"{limits.dot_stream_bytes / 1e9:.2f} GB/s); prompt {args.prompt_len}, new {args.new_tokens}, "
           f"median of {args.repeats}; load average {load_before:.2f} -> {common.load_average():.2f}")
     path = common.write_json(args.out, record)
     print(f"wrote {path}")
