@@ -240,6 +240,63 @@ def global_batch(local_tree, mesh_rules: MeshRules, global_rows: int):
         sharding, np.asarray(x), (global_rows, *np.shape(x)[1:])), local_tree)
 
 
+def local_rows(x: jax.Array, rows: slice) -> np.ndarray:
+    """Rows `rows` of a global array as numpy, read from this process's shards only.
+
+    The inverse of `global_batch`: with `rows = process_rows(...)` and `x` laid out by
+    `batch_sharding`, each process gets back the rows it fed. (`np.asarray(x)` would
+    need the shards of every process.) A fully addressable array is simply sliced.
+    """
+    if x.is_fully_addressable:
+        return np.asarray(x)[rows]
+    start, stop = rows.start or 0, x.shape[0] if rows.stop is None else rows.stop
+    out = np.empty((stop - start, *x.shape[1:]), x.dtype)
+    covered = np.zeros(stop - start, bool)
+    for shard in x.addressable_shards:
+        index = shard.index[0]
+        first, last = index.start or 0, x.shape[0] if index.stop is None else index.stop
+        lo, hi = max(first, start), min(last, stop)
+        if lo >= hi:
+            continue
+        if any(s != slice(None) for s in shard.index[1:]):
+            raise ValueError(f"local_rows: an array of shape {x.shape} with sharding "
+                             f"{x.sharding} splits more than its rows; lay it out with "
+                             "batch_sharding first")
+        out[lo - start:hi - start] = np.asarray(shard.data)[lo - first:hi - first]
+        covered[lo - start:hi - start] = True
+    if not covered.all():
+        missing = int(np.argmin(covered)) + start
+        raise ValueError(f"local_rows: row {missing} of rows {start}..{stop} of an array of "
+                         f"shape {x.shape} is not on process {jax.process_index()}'s devices "
+                         f"(sharding {x.sharding}); ask for this process's `process_rows`")
+    return out
+
+
+def process_sum(values) -> np.ndarray:
+    """The sum over processes of each process's numpy `values` (same shape everywhere);
+    every process gets the result. On one process, `values` itself."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values)).sum(0)
+
+
+def process_mean(values) -> float:
+    """The mean of the values of all processes together (`np.mean` on one process).
+
+    Each process passes its own rows' values (e.g. rewards of its completions)."""
+    if jax.process_count() == 1:
+        return float(np.mean(values))
+    values = np.asarray(values, np.float64)
+    # gathered as float32 (JAX's default without x64): exact counts up to 2**24 values
+    total, count = process_sum(np.array([values.sum(), values.size], np.float32))
+    if count == 0:
+        raise ValueError("process_mean: no process passed any value")
+    return float(total / count)
+
+
 # Weight declarations -------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -534,6 +534,45 @@ def test_sharded_sampling_equals_single_device(request, mesh, case):
     np.testing.assert_array_equal(np.asarray(got.finish_reason), np.asarray(single.finish_reason))
 
 
+# ----------------------------------------------------------------------------- 8b. the draw, the decode layout
+
+def test_draw_follows_the_probabilities_and_skips_zeros():
+    """Inverse-CDF draws: frequencies fit the probabilities (chi-square), zero-probability
+    entries (leading, inside, trailing, across the 128-entry blocks) never come out."""
+    rng = np.random.default_rng(0)
+    v = 300  # not a multiple of the block size
+    probs = rng.random((4, v)) ** 4
+    probs[:, :5] = probs[:, 140:260] = probs[:, -7:] = 0
+    probs[1] *= 1e-30  # unnormalised and tiny: only ratios matter
+    probs[2] = 0
+    probs[2, 131] = 1.0  # a single allowed entry
+    draws = np.stack([np.asarray(sampling.draw(jax.random.key(k), jnp.asarray(probs, jnp.float32)))
+                      for k in range(400)])  # [400, 4]
+    assert (probs[np.arange(4)[None], draws] > 0).all()
+    assert (draws[:, 2] == 131).all()
+    for row in (0, 1, 3):
+        counts = np.bincount(draws[:, row], minlength=v)
+        assert chi_square_pvalue(counts, probs[row] / probs[row].sum()) > 1e-3
+
+
+@pytest.mark.parametrize("model", ["moe16", "dense"])
+def test_unrolled_decode_equals_scanned_decode(request, model):
+    """The decode loop over per-layer weights (`unroll_layers`) is the same computation as
+    the scan over the stacked layers."""
+    cfg, params = request.getfixturevalue(model)
+    prompt, lengths = random_prompts(6, [4, 1, 6], 6, cfg.vocab_size)
+    results = []
+    for unroll in (False, True):
+        scfg = SamplingConfig(max_new_tokens=5, temperature=1.0, unroll_layers=unroll,
+                              record_experts=cfg.n_routed_experts > 0)
+        results.append(sample(params, cfg, prompt, lengths, jax.random.key(1), scfg))
+    scanned, unrolled = results
+    np.testing.assert_array_equal(np.asarray(unrolled.tokens), np.asarray(scanned.tokens))
+    np.testing.assert_allclose(np.asarray(unrolled.logprobs), np.asarray(scanned.logprobs), atol=1e-6)
+    if scanned.experts is not None:
+        np.testing.assert_array_equal(np.asarray(unrolled.experts), np.asarray(scanned.experts))
+
+
 # ----------------------------------------------------------------------------- 9. bad input
 
 @pytest.fixture

@@ -44,15 +44,16 @@ LayerCache = Union[MLACache, GQACache]
 @dataclasses.dataclass
 class KVCache:
     lengths: jax.Array  # [b] int32
-    dense: Optional[LayerCache]
+    dense: Optional[LayerCache]  # stacked [l, ...], or a tuple of l per-layer caches
     moe: Optional[LayerCache]
     mtp: Optional[LayerCache]
 
     @property
     def max_length(self) -> int:
         group = self.dense if self.dense is not None else self.moe
-        leaf = jax.tree.leaves(group)[0]
-        return leaf.shape[2]
+        if isinstance(group, tuple):  # per-layer caches [b, s, ...] (see `unstack_cache`)
+            return jax.tree.leaves(group)[0].shape[1]
+        return jax.tree.leaves(group)[0].shape[2]
 
 
 def cache_logical_axes(cfg: ModelConfig) -> dict:
@@ -86,6 +87,18 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, with_mtp: bool = F
         mtp=_layer_cache(cfg, 1 if (with_mtp and cfg.num_nextn_predict_layers) else 0, batch,
                          max_length, dtype),
     )
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """The cache with its dense and MoE stacks [l, ...] split into tuples of per-layer
+    caches, to go with `r1jax.model.transformer.unstack_layers`: a decode step then
+    writes each layer's new slot in place instead of rebuilding the stack."""
+    def split(group):
+        if group is None or isinstance(group, tuple):
+            return group
+        layers = jax.tree.leaves(group)[0].shape[0]
+        return tuple(jax.tree.map(lambda a, i=i: a[i], group) for i in range(layers))
+    return dataclasses.replace(cache, dense=split(cache.dense), moe=split(cache.moe))
 
 
 def values_per_token_per_layer(cfg: ModelConfig) -> int:

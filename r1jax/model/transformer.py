@@ -144,8 +144,53 @@ def block(w: BlockWeights, h_btd, cos, sin, mask_bts, cfg: ModelConfig,
     return constrain(h_btd + m, ("batch", "seq", "act_embed"), mesh_rules), cache, stats
 
 
+def unstack_layers(params: Params) -> Params:
+    """The same parameters with each layer stack [l, ...] split into a tuple of l layers.
+
+    `forward` runs a tuple of layers as an unrolled Python loop instead of `lax.scan`.
+    The sampler decodes this way: XLA on CPU copies every layer's weights out of the
+    stack on each scan iteration (a dynamic slice), which in a memory-bound decode step
+    costs more than the matrix products themselves. The split happens once per call,
+    outside the decode loop, and holds a second copy of the layer weights meanwhile.
+    """
+    def split(stack):
+        if stack is None or isinstance(stack, tuple):
+            return stack
+        layers = jax.tree.leaves(stack)[0].shape[0]
+        return tuple(jax.tree.map(lambda a, i=i: a[i], stack) for i in range(layers))
+    return dataclasses.replace(params, dense_layers=split(params.dense_layers),
+                               moe_layers=split(params.moe_layers))
+
+
+def _run_layers(layers: tuple, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
+                return_hidden, mesh_rules, token_mask=None):
+    """`_run_stack` over a tuple of unstacked layers (see `unstack_layers`); the cache may
+    be stacked [l, ...] or a tuple of per-layer caches, and is returned as a tuple."""
+    caches, all_stats, hidden = [], [], []
+    for i, w in enumerate(layers):
+        layer_cache = None
+        if cache is not None:
+            layer_cache = cache[i] if isinstance(cache, tuple) else jax.tree.map(lambda a: a[i], cache)
+        experts = None if experts_lbtk is None else experts_lbtk[i]
+        h, layer_cache, stats = block(w, h, cos, sin, mask, cfg, layer_cache, start, experts,
+                                      mesh_rules, token_mask)
+        caches.append(layer_cache)
+        all_stats.append(stats)
+        hidden.append(h)
+    stack = lambda items: jax.tree.map(lambda *a: jnp.stack(a), *items)  # noqa: E731
+    stats = None if all_stats[0] is None else stack(all_stats)
+    return h, (tuple(caches) if cache is not None else None, stats,
+               jnp.stack(hidden) if return_hidden else None)
+
+
 def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
                return_hidden, mesh_rules, token_mask=None):
+    if isinstance(stack, tuple):
+        return _run_layers(stack, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
+                           return_hidden, mesh_rules, token_mask)
+    if isinstance(cache, tuple):
+        cache = jax.tree.map(lambda *a: jnp.stack(a), *cache)
+
     def body(h, xs):
         w, layer_cache, experts = xs
         h, layer_cache, stats = block(w, h, cos, sin, mask, cfg, layer_cache, start, experts,

@@ -4,6 +4,13 @@ Every batch has fixed shapes (`[n, P + max_new_tokens]`), so the train step comp
 once. DAPO's dynamic sampling drops groups whose rewards are all equal and refills the
 batch from further prompts. With routing replay the experts each token was routed to
 during the rollout travel in the batch, so the training forward uses the same experts.
+
+Multi-process runs (`jax.process_count() > 1`, a mesh spanning all processes): each
+process handles only its own prompts (`process_prompts`), whole groups of G rows. Their
+prompt rows form one global batch for the sampler; each process reads back, decodes and
+scores only its own rows (`sample_rows`), and `assemble_batch` lays the rows of all
+processes out as global arrays over the mesh's batch axes. On one process all of this
+reduces to the plain calls, with the same results as before.
 """
 from __future__ import annotations
 
@@ -21,8 +28,9 @@ from r1jax.losses import entropy as token_entropy
 from r1jax.losses import token_logprobs
 from r1jax.model.transformer import Params, forward
 from r1jax.rl import grpo
-from r1jax.sampling import FINISHED_LENGTH, SamplingConfig, sample
-from r1jax.sharding import MeshRules
+from r1jax.sampling import FINISHED_LENGTH, Samples, SamplingConfig, sample, validate
+from r1jax.sharding import (MeshRules, batch_sharding, global_batch, local_rows, process_rows,
+                            process_sum)
 
 
 @jax.tree_util.register_dataclass
@@ -80,25 +88,102 @@ class Groups:
                       None if parts[0].experts is None else cat("experts"))
 
 
+# Processes -----------------------------------------------------------------------------------
+
+def process_prompts(mesh_rules: Optional[MeshRules], num_prompts: int, num_generations: int) -> slice:
+    """The prompts of a `num_prompts` x G batch that this process generates and scores.
+
+    All of them on one process. In a multi-process run, the prompts whose G rows lie on
+    this process's devices (`sharding.process_rows`); a process must hold whole groups,
+    since advantages are computed per group."""
+    if mesh_rules is None or jax.process_count() == 1:
+        return slice(0, num_prompts)
+    g, n = num_generations, num_prompts * num_generations
+    try:
+        rows = process_rows(mesh_rules, n)
+    except ValueError as err:
+        raise ValueError(f"{num_prompts} prompts x {g} generations = {n} rows cannot be split "
+                         f"over the mesh's batch axes: {err}") from err
+    if rows.start % g or rows.stop % g:
+        raise ValueError(f"process {jax.process_index()} holds rows {rows.start}..{rows.stop} of "
+                         f"{num_prompts} prompts x {g} generations, which splits a group of "
+                         f"{g}; make the number of prompts a multiple of the number of batch "
+                         "shards (or G a multiple of the rows per shard)")
+    return slice(rows.start // g, rows.stop // g)
+
+
+def _global_rows(what: str, num_prompts: Optional[int], num_generations: int) -> Optional[int]:
+    """Rows of the global batch in a multi-process run; None on one process."""
+    if jax.process_count() == 1:
+        return None
+    if num_prompts is None:
+        raise ValueError(f"{what}: in a multi-process run pass num_prompts, the number of "
+                         "prompts of all processes together (each process passes its own "
+                         "`process_prompts`)")
+    return num_prompts * num_generations
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "mesh_rules"))
+def _sample_global(params, tokens, lengths, key, *, cfg, scfg, mesh_rules):
+    # traced, so `sample` checks shapes only: the values were checked per process
+    out = sample(params, cfg, tokens, lengths, key, scfg, mesh_rules=mesh_rules)
+    sharding = batch_sharding(mesh_rules)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), out)
+
+
+def sample_rows(params: Params, cfg: ModelConfig, tokens: np.ndarray, lengths: np.ndarray,
+                key: jax.Array, scfg: SamplingConfig, *, mesh_rules: Optional[MeshRules] = None,
+                global_rows: Optional[int] = None) -> Samples:
+    """`sample` on this process's prompt rows; the `Samples` of those rows as numpy.
+
+    tokens [r, P] int32, lengths [r]: all rows on one process (`global_rows` unused). In a
+    multi-process run, this process's rows (`process_rows(mesh_rules, global_rows)`) of a
+    global batch of `global_rows` rows: the rows of all processes are sampled together as
+    one batch laid out over the mesh's batch axes, and each process gets its own back.
+    """
+    if jax.process_count() == 1:
+        out = sample(params, cfg, tokens, lengths, key, scfg, mesh_rules=mesh_rules)
+        return jax.tree.map(np.asarray, out)
+    if mesh_rules is None or global_rows is None:
+        raise ValueError("sample_rows: a multi-process run needs mesh_rules (a mesh over all "
+                         "processes' devices) and global_rows (rows of all processes together)")
+    rows = process_rows(mesh_rules, global_rows)
+    tokens, lengths = np.asarray(tokens, np.int32), np.asarray(lengths, np.int32)
+    if len(tokens) != rows.stop - rows.start:
+        raise ValueError(f"sample_rows: process {jax.process_index()} passed {len(tokens)} rows "
+                         f"but feeds rows {rows.start}..{rows.stop} of {global_rows}")
+    validate(cfg, tokens, lengths, scfg, params)
+    tokens_g, lengths_g = global_batch((tokens, lengths), mesh_rules, global_rows)
+    out = _sample_global(params, tokens_g, lengths_g, key, cfg=cfg, scfg=scfg, mesh_rules=mesh_rules)
+    return jax.tree.map(lambda x: local_rows(x, rows), out)
+
+
+# Generation ----------------------------------------------------------------------------------
+
 def generate_groups(params: Params, cfg: ModelConfig, examples: list, *, tokenizer,
                     prompt_fn: Callable[[dict], str], reward_fn: Callable[..., float],
                     num_generations: int, scfg: SamplingConfig, key: jax.Array, prompt_len: int,
-                    mesh_rules: Optional[MeshRules] = None) -> Groups:
-    """Samples G completions per example and scores them with `reward_fn(completion, **example)`."""
+                    mesh_rules: Optional[MeshRules] = None,
+                    num_prompts: Optional[int] = None) -> Groups:
+    """Samples G completions per example and scores them with `reward_fn(completion, **example)`.
+
+    In a multi-process run `examples` are this process's prompts (`process_prompts`) and
+    `num_prompts` counts those of all processes; the returned groups are this process's.
+    """
+    global_rows = _global_rows("generate_groups", num_prompts, num_generations)
     prompts = [prompt_fn(ex) for ex in examples]
     tokens, lengths = tokenize_prompts(tokenizer, prompts, prompt_len)
     tokens = np.repeat(np.asarray(tokens), num_generations, axis=0)
     lengths = np.repeat(np.asarray(lengths), num_generations, axis=0)
-    samples = sample(params, cfg, tokens, lengths, key, scfg, mesh_rules=mesh_rules)
-    out_tokens = np.asarray(samples.tokens)
-    out_lengths = np.asarray(samples.lengths)
-    truncated = np.asarray(samples.finish_reason) == FINISHED_LENGTH
+    samples = sample_rows(params, cfg, tokens, lengths, key, scfg, mesh_rules=mesh_rules,
+                          global_rows=global_rows)
+    out_tokens, out_lengths = samples.tokens, samples.lengths
+    truncated = samples.finish_reason == FINISHED_LENGTH
     completions = [tokenizer.decode(out_tokens[i, :out_lengths[i]]) for i in range(len(out_tokens))]
     rewards = np.array([float(reward_fn(c, **examples[i // num_generations]))
                         for i, c in enumerate(completions)], np.float32)
-    experts = None if samples.experts is None else np.asarray(samples.experts)
     return Groups(list(examples), completions, tokens, lengths, out_tokens, out_lengths, truncated,
-                  rewards.reshape(len(examples), num_generations), experts)
+                  rewards.reshape(len(examples), num_generations), samples.experts)
 
 
 def collect_groups(generate: Callable[[list, jax.Array], Groups], next_examples: Iterator[list],
@@ -106,7 +191,10 @@ def collect_groups(generate: Callable[[list, jax.Array], Groups], next_examples:
                    max_rounds: int = 8) -> tuple[Groups, dict]:
     """One round of generation, or (DAPO dynamic sampling) as many rounds as it takes to fill
     `num_prompts` groups whose rewards are not all equal (at most `max_rounds`; if that is
-    not enough, the batch is completed with the remaining groups so shapes stay fixed)."""
+    not enough, the batch is completed with the remaining groups so shapes stay fixed).
+
+    In a multi-process run `num_prompts` is this process's share; every process generates
+    the same number of rounds (until all are full) and `info` counts all processes."""
     first = generate(next(next_examples), jax.random.fold_in(key, 0))
     if not dynamic_sampling:
         return first, {"rounds": 1, "kept_groups_frac": 1.0}
@@ -118,14 +206,17 @@ def collect_groups(generate: Callable[[list, jax.Array], Groups], next_examples:
         signal = np.asarray(grpo.groups_with_signal(groups.rewards))
         kept.append(groups.select(np.nonzero(signal)[0]))
         spare.append(groups.select(np.nonzero(~signal)[0]))
-        if sum(len(k.examples) for k in kept) >= num_prompts or rounds >= max_rounds:
+        filled = sum(len(k.examples) for k in kept)
+        short = int(process_sum(np.int32(filled < num_prompts)))  # processes not yet full
+        if short == 0 or rounds >= max_rounds:
             break
         groups = generate(next(next_examples), jax.random.fold_in(key, rounds))
     useful = Groups.concat(kept + spare)  # groups with signal first
-    filled = sum(len(k.examples) for k in kept)
+    kept_all, wanted_all, filled_all, seen_all = (int(x) for x in process_sum(
+        np.array([min(filled, num_prompts), num_prompts, filled, seen], np.int32)))
     return useful.select(np.arange(num_prompts)), {
-        "rounds": rounds, "kept_groups_frac": min(filled, num_prompts) / num_prompts,
-        "signal_groups_frac": filled / seen}
+        "rounds": rounds, "kept_groups_frac": kept_all / wanted_all,
+        "signal_groups_frac": filled_all / seen_all}
 
 
 def policy_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, temperature: float = 1.0,
@@ -153,9 +244,23 @@ def sequence_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, te
 
 def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, *, params: Params,
                    ref_params: Optional[Params] = None, mesh_rules: Optional[MeshRules] = None,
-                   routing_replay: bool = False) -> RolloutBatch:
+                   routing_replay: bool = False, num_prompts: Optional[int] = None) -> RolloutBatch:
     """Lays prompt + completion out left-aligned, computes advantages, and the old / reference
-    log-probs that the objective needs (none with mu = 1 and beta = 0)."""
+    log-probs that the objective needs (none with mu = 1 and beta = 0).
+
+    In a multi-process run `groups` are this process's and `num_prompts` counts the groups
+    of all processes: the batch is global, its rows laid out over the mesh's batch axes
+    (`sharding.global_batch`), each process feeding its own.
+    """
+    global_rows = _global_rows("assemble_batch", num_prompts, groups.rewards.shape[1])
+    if global_rows is None:
+        place = jnp.asarray
+    elif mesh_rules is None:
+        raise ValueError("assemble_batch: a multi-process run needs mesh_rules (a mesh over all "
+                         "processes' devices)")
+    else:
+        def place(x, dtype=None):
+            return global_batch(np.asarray(x, dtype), mesh_rules, global_rows)
     n, p = groups.prompt_tokens.shape
     t = p + groups.tokens.shape[1]
     pos = np.arange(t)[None]
@@ -168,8 +273,8 @@ def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, 
                                        grpo_cfg.advantage_eps, grpo_cfg.std_ddof).reshape(-1)
     experts = None
     if routing_replay and groups.experts is not None:
-        experts = jnp.asarray(groups.experts[:, :, :t])
-    tokens_j = jnp.asarray(tokens)
+        experts = place(groups.experts[:, :, :t])
+    tokens_j = place(tokens)
     old_logp = ref_logp = None
     if grpo_cfg.num_iterations > 1:
         old_logp = sequence_logprobs(params, tokens_j, cfg, grpo_cfg.temperature, experts, mesh_rules)
@@ -178,7 +283,7 @@ def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, 
             raise ValueError(f"GRPOConfig.beta={grpo_cfg.beta} > 0 needs ref_params")
         ref_logp = sequence_logprobs(ref_params, tokens_j, cfg, grpo_cfg.temperature, None, mesh_rules)
     return RolloutBatch(
-        tokens=tokens_j, mask=jnp.asarray(completion_pos[:, 1:], jnp.float32),
-        advantages=jnp.asarray(advantages, jnp.float32), rewards=jnp.asarray(groups.rewards.reshape(-1)),
-        lengths=jnp.asarray(groups.lengths, jnp.int32), truncated=jnp.asarray(groups.truncated),
+        tokens=tokens_j, mask=place(completion_pos[:, 1:], jnp.float32),
+        advantages=place(advantages, jnp.float32), rewards=place(groups.rewards.reshape(-1)),
+        lengths=place(groups.lengths, jnp.int32), truncated=place(groups.truncated),
         old_logp=old_logp, ref_logp=ref_logp, experts=experts)
