@@ -49,11 +49,21 @@ waits for that; handles still open at interpreter exit are closed by an exit hoo
 before Python shuts down the thread pools orbax writes with, so a script that forgets to
 close still commits its last save and leaves no thread behind.
 
+Multi-process runs (``jax.distributed.initialize``, arrays sharded over a mesh that spans
+processes): every process opens the same directory, which they must all see (a shared
+filesystem or bucket), and calls :func:`save`, :func:`wait`, :func:`restore` and
+:func:`close` at the same points with the same arguments; orbax coordinates them with
+barriers. Each process writes and reads only the shards on its own devices; the JSON
+metadata is written by process 0 and read by all. Tested with two processes on one machine
+(``tests/test_multihost.py``: save, restore into the same shardings, and a stopped
+``examples/r1_zero.py`` run resumed, both processes agreeing). The corrupt-step renaming
+and the tmp-dir cleanup are done by process 0 only; the fallback past an unreadable step
+assumes every process finds the same steps unreadable and is not tested across processes.
+
 Not covered: silent bit flips inside otherwise well-formed files are not detected (no
 checksums beyond those of the storage format), and whether a committed step survives a
 power loss (rather than a process kill) depends on the filesystem flushing the final
-rename. Multi-host use follows orbax's own protocol but is untested here; the corrupt-step
-renaming and tmp-dir cleanup are done by process 0 only.
+rename.
 """
 from __future__ import annotations
 

@@ -180,8 +180,8 @@ def _per_token_per_layer(cache, batch, slots):
         if group is None:
             continue
         for leaf in jax.tree.leaves(group):
-            layers, b, s = leaf.shape[:3]
-            assert (b, s) == (batch, slots)
+            layers, b = leaf.shape[:2]  # [l, b, s, c + r] (MLA) or [l, b, m, s, h] (GQA)
+            assert b == batch and slots in leaf.shape[2:4]
         size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(group))
         counts.add(size // (layers * batch * slots))
     assert len(counts) == 1, counts
@@ -195,6 +195,7 @@ def test_mla_cache_holds_latent_and_rope_key_only():
     assert cache.moe.latent_rope.shape == (2, 2, 8, 16 + 8)
     assert cache.mtp.latent_rope.shape == (1, 2, 8, 16 + 8)
     assert _per_token_per_layer(cache, 2, 8) == 24
+    assert cache.max_length == 8
     assert cache_lib.values_per_token_per_layer(tiny) == 24
     assert r1jax.init_cache(tiny, 2, 8).mtp is None  # no MTP slots unless asked
 
@@ -208,6 +209,7 @@ def test_mla_cache_holds_latent_and_rope_key_only():
     assert cache_lib.full_kv_values_per_token_per_layer(v3) == 128 * (192 + 128)
 
     dense = r1jax.configs.tiny_dense()  # GQA: keys and values of 2 kv heads x 16 dims
+    assert r1jax.init_cache(dense, 2, 8).dense.k.shape == (2, 2, 2, 8, 16)  # [l, b, m, s, h]
     assert _per_token_per_layer(r1jax.init_cache(dense, 2, 8), 2, 8) == 2 * 2 * 16
     assert cache_lib.values_per_token_per_layer(dense) == 64
 

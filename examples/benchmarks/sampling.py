@@ -58,6 +58,11 @@ stop tokens, so every row generates every token.
   decoding of the same model, the draft acceptance rate, and whether the greedy tokens
   agree. Random weights make the MTP module's drafts near-random, so expect a low
   acceptance rate and a speed-up below 1; the number says what one verify step costs.
+  Then the same on a model whose MTP module was trained: the toy DeepSeek-V3-shaped base
+  of the main example (`examples/pretrain_tiny.py`, pretrained into `--toy-workdir` on
+  first use, about 5 minutes), on arithmetic prompts with its stop token, greedy and at
+  temperature 1, batch `--spec-batch-size` and 4x that. Tokens/s there count the tokens
+  actually generated (rows stop at their end-of-sequence token).
 
 Prints one table and writes a JSON record (`--out`). Other work on the machine skews
 every number; the 1-minute load average before and after each measurement is in the JSON.
@@ -69,6 +74,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -111,6 +117,10 @@ def parse_args(argv=None):
     g.add_argument("--skip-peer", action="store_true", help="do not run Hugging Face transformers")
     g.add_argument("--skip-spec", action="store_true", help="do not measure MTP speculative decoding")
     g.add_argument("--spec-batch-size", type=int, default=8)
+    g.add_argument("--toy-workdir", default=None,
+                   help="where the toy base model is pretrained and kept (default: runs/bench_toy_base; "
+                        "--quick: a temporary folder)")
+    g.add_argument("--toy-steps", type=int, default=400, help="pretraining steps of the toy base")
     g.add_argument("--torch-threads", type=int, default=2)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default=DEFAULT_OUT, help="JSON path (default: %(default)s)")
@@ -125,6 +135,10 @@ def parse_args(argv=None):
         if args.repeats == 3:
             args.repeats = 1
         args.spec_batch_size = min(args.spec_batch_size, 2)
+        args.toy_steps = min(args.toy_steps, 2)
+    if args.toy_workdir is None:
+        args.toy_workdir = (tempfile.mkdtemp(prefix="r1jax_bench_toy_") if args.quick
+                            else os.path.join("runs", "bench_toy_base"))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     return args
@@ -273,6 +287,44 @@ def measure_speculative(cfg, batch, args, limits_repeats):
             "greedy_tokens_equal": same, "plain_times_s": plain_times, "speculative_times_s": spec_times}
 
 
+def measure_speculative_trained(args) -> dict:
+    """MTP speculative decoding on the toy base model, whose MTP module is trained."""
+    sys.path.insert(0, os.path.dirname(HERE))  # examples/: pretrain_tiny and workdir
+    import pretrain_tiny
+    from r1jax.data import tasks, templates
+
+    prompt_len, new = 20, 24  # the main example's defaults; the toy model's positions end at 44
+    cfg, params, tokenizer = pretrain_tiny.pretrain(pathlib.Path(args.toy_workdir), model="moe",
+                                                    steps=args.toy_steps, seq_len=prompt_len + new,
+                                                    quiet=True)
+    out = {"model": "toy DeepSeek-V3-shaped base (examples/pretrain_tiny.py)", "params": r1jax.param_count(cfg),
+           "pretrain_steps": args.toy_steps, "prompt_len": prompt_len, "new_tokens": new, "runs": []}
+    for batch in (args.spec_batch_size, 4 * args.spec_batch_size):
+        prompts = [tokenizer.encode(templates.short_prompt(tasks.arithmetic_example(1, i)["question"]))
+                   [:prompt_len] for i in range(batch)]
+        tokens = np.zeros((batch, prompt_len), np.int32)
+        for i, ids in enumerate(prompts):
+            tokens[i, :len(ids)] = ids
+        lengths = np.array([len(ids) for ids in prompts], np.int32)
+        for temperature in (0.0, 1.0):
+            base = SamplingConfig(max_new_tokens=new, temperature=temperature,
+                                  stop_token_ids=tuple(cfg.eos_token_id or ()))
+            plain_s, _, _, plain = time_r1jax(params, cfg, tokens, lengths, base, args.repeats, args.seed)
+            spec_s, _, _, spec = time_r1jax(params, cfg, tokens, lengths,
+                                            dataclasses.replace(base, speculative=True), args.repeats, args.seed)
+            run = {"batch": batch, "temperature": temperature,
+                   "plain_tokens_per_s": float(np.sum(np.asarray(plain.lengths))) / plain_s,
+                   "speculative_tokens_per_s": float(np.sum(np.asarray(spec.lengths))) / spec_s,
+                   "acceptance_rate": spec.acceptance_rate}
+            run["speedup"] = run["speculative_tokens_per_s"] / run["plain_tokens_per_s"]
+            if temperature == 0:
+                run["greedy_tokens_equal"] = float(np.mean(np.asarray(plain.tokens) == np.asarray(spec.tokens)))
+            out["runs"].append(run)
+            print(f"  toy base, batch {batch}, temperature {temperature:g}: speculative "
+                  f"{run['speedup']:.2f}x plain, acceptance {run['acceptance_rate']:.3f}", flush=True)
+    return out
+
+
 # Main ---------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -366,6 +418,10 @@ def main(argv=None):
                   f"acceptance {spec['acceptance_rate']:.3f}, greedy tokens equal "
                   f"{spec['greedy_tokens_equal']:.3f}", flush=True)
 
+    if not args.skip_spec:
+        print("MTP speculative decoding on the trained toy base model...", flush=True)
+        record["speculative_trained"] = measure_speculative_trained(args)
+
     record["rows"] = rows
     header = ["model", "batch", "r1jax tok/s", "HF tok/s", "r1jax/HF", "floor tok/s", "limit frac",
               "HF limit frac", "limit frac (dot bw)", "cache B/tok (full KV)", "MTP speedup (accept)"]
@@ -380,11 +436,18 @@ def main(argv=None):
                       f"{c['total']} ({c['full_kv_total']})",
                       f"{spec['speedup']:.2f} ({spec['acceptance_rate']:.2f})" if spec else None])
     print()
-    print(common.format_table(header, table))
+    if table:
+        print(common.format_table(header, table))
     print(f"limits: matmul {limits.matmul_flops / 1e9:.1f} GFLOP/s, bandwidth "
           f"{limits.bandwidth_bytes / 1e9:.2f} GB/s (matmul weight streaming "
           f"{limits.dot_stream_bytes / 1e9:.2f} GB/s); prompt {args.prompt_len}, new {args.new_tokens}, "
           f"median of {args.repeats}; load average {load_before:.2f} -> {common.load_average():.2f}")
+    if "speculative_trained" in record:
+        print("MTP speculative decoding, toy base with a trained MTP module (tokens/s of generated tokens):")
+        print(common.format_table(
+            ["batch", "temperature", "plain tok/s", "speculative tok/s", "speedup", "acceptance"],
+            [[r["batch"], r["temperature"], r["plain_tokens_per_s"], r["speculative_tokens_per_s"],
+              r["speedup"], r["acceptance_rate"]] for r in record["speculative_trained"]["runs"]]))
     path = common.write_json(args.out, record)
     print(f"wrote {path}")
     return record

@@ -162,13 +162,16 @@ def gqa(w: GQAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
         q, k, v = q + w.q_bias.astype(dt), k + w.k_bias.astype(dt), v + w.v_bias.astype(dt)
     q = apply_rope(q, cos, sin, interleaved=False)
     k = apply_rope(k, cos, sin, interleaved=False)
+    # keys and values head-major [b, m, s, h], the layout of the cache: the score and
+    # output contractions then read them in place (no per-step transpose of the cache)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if cache is not None:
-        cache = GQACache(write_rows(cache.k, k, start_b), write_rows(cache.v, v, start_b))
+        cache = GQACache(write_rows(cache.k, k, start_b, axis=2), write_rows(cache.v, v, start_b, axis=2))
         k, v = cache.k.astype(dt), cache.v.astype(dt)
     b, t, n, h = q.shape
-    m = k.shape[2]
+    m = k.shape[1]
     q_btmgh = q.reshape(b, t, m, n // m, h)
-    scores = _f32_einsum("btmgh,bsmh->bmgts", q_btmgh, k).reshape(b, n, t, -1)
+    scores = _f32_einsum("btmgh,bmsh->bmgts", q_btmgh, k).reshape(b, n, t, -1)
     probs = _softmax(scores, mask_bts, cfg.softmax_scale).astype(dt).reshape(b, m, n // m, t, -1)
-    out = jnp.einsum("bmgts,bsmh->btmgh", probs, v).reshape(b, t, n, h)
+    out = jnp.einsum("bmgts,bmsh->btmgh", probs, v).reshape(b, t, n, h)
     return linear(out, w.o, in_axes=2), cache

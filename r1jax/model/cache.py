@@ -31,7 +31,7 @@ class MLACache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class GQACache:
-    """k, v [l, b, s, m, h] (keys already rotated)."""
+    """k, v [l, b, m, s, h] (keys already rotated; head-major, as attention reads them)."""
 
     k: jax.Array
     v: jax.Array
@@ -51,17 +51,18 @@ class KVCache:
     @property
     def max_length(self) -> int:
         group = self.dense if self.dense is not None else self.moe
-        if isinstance(group, tuple):  # per-layer caches [b, s, ...] (see `unstack_cache`)
-            return jax.tree.leaves(group)[0].shape[1]
-        return jax.tree.leaves(group)[0].shape[2]
+        stacked = not isinstance(group, tuple)
+        layer = group if stacked else group[0]
+        slot_axis = 1 if isinstance(layer, MLACache) else 2  # of one layer's [b, s, w] / [b, m, s, h]
+        return jax.tree.leaves(layer)[0].shape[slot_axis + stacked]
 
 
 def cache_logical_axes(cfg: ModelConfig) -> dict:
     """Logical axes of each cache array (for shardings)."""
     if cfg.is_mla:
         return {"latent_rope": ("layers", "batch", "cache_seq", "kv_lora")}
-    return {"k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-            "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim")}
+    return {"k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+            "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim")}
 
 
 def _layer_cache(cfg: ModelConfig, layers: int, batch: int, max_length: int, dtype):
@@ -70,7 +71,7 @@ def _layer_cache(cfg: ModelConfig, layers: int, batch: int, max_length: int, dty
     if cfg.is_mla:
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         return MLACache(jnp.zeros((layers, batch, max_length, width), dtype))
-    shape = (layers, batch, max_length, cfg.num_kv_heads, cfg.gqa_head_dim)
+    shape = (layers, batch, cfg.num_kv_heads, max_length, cfg.gqa_head_dim)
     return GQACache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -115,8 +116,9 @@ def full_kv_values_per_token_per_layer(cfg: ModelConfig) -> int:
     return values_per_token_per_layer(cfg)
 
 
-def write_rows(buffer_bs: jax.Array, new_bt: jax.Array, start_b: jax.Array) -> jax.Array:
-    """Writes new [b, t, ...] into buffer [b, s, ...] at per-row slot offsets start [b]."""
+def write_rows(buffer: jax.Array, new: jax.Array, start_b: jax.Array, axis: int = 1) -> jax.Array:
+    """Writes `new` into `buffer` along the slot axis `axis` at per-row offsets start [b]:
+    buffer [b, s, ...] and new [b, t, ...] with axis 1; [b, m, s, h] and [b, m, t, h] with 2."""
     def one(buf, new, start):
-        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
-    return jax.vmap(one)(buffer_bs, new_bt, start_b)
+        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=axis - 1)
+    return jax.vmap(one)(buffer, new, start_b)

@@ -90,7 +90,8 @@ class Groups:
 
 # Processes -----------------------------------------------------------------------------------
 
-def process_prompts(mesh_rules: Optional[MeshRules], num_prompts: int, num_generations: int) -> slice:
+def process_prompts(mesh_rules: Optional[MeshRules], num_prompts: int,
+                    num_generations: int) -> slice:
     """The prompts of a `num_prompts` x G batch that this process generates and scores.
 
     All of them on one process. In a multi-process run, the prompts whose G rows lie on
@@ -154,7 +155,8 @@ def sample_rows(params: Params, cfg: ModelConfig, tokens: np.ndarray, lengths: n
                          f"but feeds rows {rows.start}..{rows.stop} of {global_rows}")
     validate(cfg, tokens, lengths, scfg, params)
     tokens_g, lengths_g = global_batch((tokens, lengths), mesh_rules, global_rows)
-    out = _sample_global(params, tokens_g, lengths_g, key, cfg=cfg, scfg=scfg, mesh_rules=mesh_rules)
+    out = _sample_global(params, tokens_g, lengths_g, key, cfg=cfg, scfg=scfg,
+                         mesh_rules=mesh_rules)
     return jax.tree.map(lambda x: local_rows(x, rows), out)
 
 
