@@ -14,6 +14,10 @@ model therefore learns the skill and the format, but does not reliably use eithe
 `r1_zero.py` then shows RL with rule rewards alone making it do so.
 
 Resumes from its work directory; writes metrics.jsonl, pretrain.png and checkpoints.
+
+Across processes (see `r1_zero.py`'s docstring for a 2-process command): `--mesh` spans
+every process's devices, each process encodes only its rows of each batch, and the
+checkpoints are written by all of them together.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import workdir as wd  # noqa: E402
 
 import r1jax  # noqa: E402
 from r1jax import checkpoint as ckpt  # noqa: E402
+from r1jax import sharding as shd  # noqa: E402
 from r1jax import training  # noqa: E402
 from r1jax.data import tasks, templates  # noqa: E402
 from r1jax.data.tokenizer import CharTokenizer  # noqa: E402
@@ -115,31 +120,48 @@ def encode(tokenizer, docs: list[str], seq_len: int) -> tuple[np.ndarray, np.nda
 def pretrain(workdir: pathlib.Path, *, model: str = "moe", steps: int = 1500, batch_size: int = 64,
              seq_len: int = 44, learning_rate: float = 3e-3, difficulty: int = 1, noise: float = 0.35,
              template_rate: float = 0.5, seed: int = 0, router_bias_rate: float = 1e-3,
-             mtp_weight: float = 0.3, checkpoint_every: int = 250, quiet: bool = False):
+             mtp_weight: float = 0.3, checkpoint_every: int = 250, quiet: bool = False,
+             mesh=None):
     """Trains (or resumes, or just loads when finished) the toy base model.
+
+    With a `mesh` the parameters are created and trained in their shardings on it; in a
+    multi-process run (the mesh spans all processes) each process encodes only its rows
+    of each batch, and metrics and plots come from process 0.
 
     Returns (cfg, params, tokenizer)."""
     workdir = pathlib.Path(workdir)
+    multi_process = jax.process_count() > 1
+    if multi_process and mesh is None:
+        raise ValueError("pretrain: a multi-process run needs a mesh over all processes' devices")
+    mesh_rules = r1jax.MeshRules(mesh) if mesh is not None else None
     tokenizer = CharTokenizer()
     cfg = toy_config(model, tokenizer.vocab_size, seq_len)
     optimizer = training.make_optimizer(training_schedule(learning_rate, steps), weight_decay=0.01)
-    state = training.init_train_state(r1jax.init_params(jax.random.key(seed), cfg), optimizer,
-                                      jax.random.key(seed + 1))
+    state = wd.init_train_state(r1jax.init_params(jax.random.key(seed), cfg, mesh=mesh),
+                                optimizer, seed + 1, mesh_rules)
     handle = ckpt.open_checkpoints(workdir / "checkpoints", max_to_keep=2,
                                    save_interval_steps=checkpoint_every)
     start = 0
     if ckpt.latest_step(handle) is not None:
         state, meta = ckpt.restore(handle, state)
         start = int(meta["next_document"]) // batch_size
-    metrics = wd.MetricsFile(workdir / "metrics.jsonl", truncate_after_step=start)
+    main_process = wd.is_main_process()
+    metrics = wd.MetricsFile(workdir / "metrics.jsonl", truncate_after_step=start,
+                             writable=main_process)
     if start < steps:
         step_fn = training.make_lm_train_step(cfg, optimizer, mtp_weight=mtp_weight,
-                                              router_bias_rate=router_bias_rate)
-        bar = tqdm(range(start, steps), desc="pretrain", disable=quiet, initial=start, total=steps)
+                                              router_bias_rate=router_bias_rate,
+                                              mesh_rules=mesh_rules)
+        # this process's documents of each batch (all of them on one process)
+        rows = shd.process_rows(mesh_rules, batch_size) if multi_process else slice(0, batch_size)
+        bar = tqdm(range(start, steps), desc="pretrain", disable=quiet or not main_process,
+                   initial=start, total=steps)
         for step in bar:
             docs = [corpus_document(step * batch_size + i, difficulty, noise, template_rate)
-                    for i in range(batch_size)]
+                    for i in range(rows.start, rows.stop)]
             tokens, mask = encode(tokenizer, docs, seq_len)
+            if multi_process:
+                tokens, mask = shd.global_batch((tokens, mask), mesh_rules, batch_size)
             state, m = step_fn(state, jnp.asarray(tokens), jnp.asarray(mask))
             if step % 25 == 0 or step == steps - 1:
                 record = {"step": step + 1, "loss": float(m["loss"]), "ce": float(m["ce"]),
@@ -151,8 +173,9 @@ def pretrain(workdir: pathlib.Path, *, model: str = "moe", steps: int = 1500, ba
                                                 "model_config": r1jax.configs.to_hf_config(cfg)},
                       force=step + 1 == steps)
         ckpt.wait(handle)
-        wd.plot_curves(metrics.read(), ["ce", "mtp_loss", "expert_load_max_over_mean"],
-                       workdir / "pretrain.png", "pretraining the toy base model")
+        if main_process:
+            wd.plot_curves(metrics.read(), ["ce", "mtp_loss", "expert_load_max_over_mean"],
+                           workdir / "pretrain.png", "pretraining the toy base model")
     ckpt.close(handle)
     return cfg, state.params, tokenizer
 
@@ -170,6 +193,9 @@ def main(argv=None):
     g = parser.add_argument_group("run")
     g.add_argument("--workdir", default="runs/pretrain_tiny")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mesh", default="", help='e.g. "fsdp=4" (default: one device; all '
+                   'devices on fsdp in a multi-process run)')
+    wd.add_host_flags(parser)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="moe", choices=["moe", "dense"])
     g = parser.add_argument_group("data")
@@ -185,12 +211,15 @@ def main(argv=None):
     g.add_argument("--router-bias-rate", type=float, default=1e-3, help="gamma of the bias update")
     g.add_argument("--checkpoint-every", type=int, default=250)
     args = parser.parse_args(argv)
+    wd.init_hosts(args)
+    mesh = r1jax.make_mesh(args.mesh) if args.mesh or jax.process_count() > 1 else None
     pretrain(pathlib.Path(args.workdir), model=args.model, steps=args.steps, batch_size=args.batch_size,
              seq_len=args.seq_len, learning_rate=args.learning_rate, difficulty=args.difficulty,
              noise=args.noise, template_rate=args.template_rate, seed=args.seed,
              router_bias_rate=args.router_bias_rate, mtp_weight=args.mtp_weight,
-             checkpoint_every=args.checkpoint_every)
-    print(f"wrote {args.workdir}/metrics.jsonl, pretrain.png and checkpoints/")
+             checkpoint_every=args.checkpoint_every, mesh=mesh)
+    if wd.is_main_process():
+        print(f"wrote {args.workdir}/metrics.jsonl, pretrain.png and checkpoints/")
 
 
 if __name__ == "__main__":

@@ -9,32 +9,95 @@ import json
 import os
 import pathlib
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, TypeVar
+
+T = TypeVar("T")
 
 
 def add_host_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags for multi-host runs (JAX's multi-controller runtime)."""
+    """Flags for multi-host runs (JAX's multi-controller runtime): start the same command
+    once per process, each with its own --process-id and process 0's address."""
     g = parser.add_argument_group("hosts")
-    g.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host runs)")
+    g.add_argument("--coordinator", default=None,
+                   help="host:port of process 0 (multi-process runs; any free port on it)")
     g.add_argument("--num-processes", type=int, default=1)
-    g.add_argument("--process-id", type=int, default=0)
+    g.add_argument("--process-id", type=int, default=0, help="0 .. --num-processes - 1")
 
 
 def init_hosts(args) -> None:
-    """`jax.distributed.initialize` when the run spans several processes."""
+    """`jax.distributed.initialize` when the run spans several processes. Call it before
+    anything else touches JAX's devices."""
+    if args.num_processes < 1:
+        raise SystemExit(f"--num-processes must be >= 1, got {args.num_processes}")
+    if not 0 <= args.process_id < args.num_processes:
+        raise SystemExit(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1} "
+                         f"(--num-processes {args.num_processes})")
     if args.num_processes > 1:
         import jax
 
         if args.coordinator is None:
-            raise SystemExit("--num-processes > 1 needs --coordinator host:port")
+            raise SystemExit("--num-processes > 1 needs --coordinator host:port (process 0's)")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
-class MetricsFile:
-    """Appends one JSON object per line; `read()` returns them (for plots and resume)."""
+def is_main_process() -> bool:
+    """True on process 0, the one that writes metrics, plots and summaries (always on one
+    process). Checkpoints are written by all processes together."""
+    import jax
 
-    def __init__(self, path: os.PathLike, truncate_after_step: Optional[int] = None):
+    return jax.process_index() == 0
+
+
+def main_process_first(fn: Callable[[], T], name: str) -> T:
+    """`fn()` on process 0, then (after a barrier named `name`) on the others: for steps
+    that create files in the shared work directory, e.g. building a dataset, which the
+    other processes then only read."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if is_main_process() else None
+    multihost_utils.sync_global_devices(name)
+    return result if is_main_process() else fn()
+
+
+def init_train_state(params, optimizer, seed: int, mesh_rules=None):
+    """`training.init_train_state(params, optimizer, jax.random.key(seed))`; in a
+    multi-process run built inside `jit` with the state's shardings
+    (`training.state_shardings`), so the step counter and the key are global (replicated)
+    arrays like the parameters (`device_put` cannot place a key across processes)."""
+    import functools
+
+    import jax
+
+    from r1jax import training
+
+    if jax.process_count() == 1:
+        return training.init_train_state(params, optimizer, jax.random.key(seed))
+    if mesh_rules is None:
+        raise ValueError("init_train_state: a multi-process run needs mesh_rules (a mesh over "
+                         "all processes' devices)")
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    shardings = training.state_shardings(optimizer, jax.eval_shape(optimizer.init, params),
+                                         param_shardings, mesh_rules)
+    build = functools.partial(training.init_train_state, optimizer=optimizer)
+    return jax.jit(lambda p: build(p, key=jax.random.key(seed)), out_shardings=shardings)(params)
+
+
+class MetricsFile:
+    """Appends one JSON object per line; `read()` returns them (for plots and resume).
+
+    With `writable=False` (processes other than 0 in a multi-process run) `write` and the
+    truncation do nothing; `read` still reads the file."""
+
+    def __init__(self, path: os.PathLike, truncate_after_step: Optional[int] = None,
+                 writable: bool = True):
         self.path = pathlib.Path(path)
+        self.writable = writable
+        if not writable:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is not None and self.path.exists():
             # a resumed run rewrites the steps after its checkpoint
@@ -42,6 +105,8 @@ class MetricsFile:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
+        if not self.writable:
+            return
         clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v)
                  for k, v in record.items()}
         with open(self.path, "a") as f:
