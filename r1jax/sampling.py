@@ -165,6 +165,12 @@ def _is_stop(tokens_b: jax.Array, scfg: SamplingConfig) -> jax.Array:
 
 # Validation ------------------------------------------------------------------------------------
 
+def _readable(x) -> bool:
+    """Whether this process can read x's values: not a tracer, and not an array spread
+    over several processes (each process checks its own rows before building such one)."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
 def validate(cfg: ModelConfig, prompt_tokens, prompt_lengths, scfg: SamplingConfig,
              params: Optional[Params] = None) -> int:
     """Checks the inputs before anything compiles; returns the cache length."""
@@ -178,14 +184,14 @@ def validate(cfg: ModelConfig, prompt_tokens, prompt_lengths, scfg: SamplingConf
     if lshape != (b,):
         raise ValueError(f"sample: prompt_lengths must have shape [{b}] to match prompt_tokens "
                          f"{shape}, got {lshape}")
-    if not isinstance(prompt_lengths, jax.core.Tracer):
+    if _readable(prompt_lengths):
         lengths = np.asarray(prompt_lengths)
         if lengths.min() < 1:
             raise ValueError(f"sample: empty prompt (prompt_lengths has {int(lengths.min())}); every "
                              "row needs at least one token")
         if lengths.max() > p:
             raise ValueError(f"sample: prompt_lengths has {int(lengths.max())} > prompt_tokens width {p}")
-    if not isinstance(prompt_tokens, jax.core.Tracer):
+    if _readable(prompt_tokens):
         ids = np.asarray(prompt_tokens)
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"sample: prompt_tokens hold id {int(ids.min() if ids.min() < 0 else ids.max())} "
