@@ -240,14 +240,19 @@ def _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rule
     return out, cache
 
 
-def _decode_layout(params, cache, scfg):
-    """Per-layer weights and caches for the decode loop when `scfg.unroll_layers` says so."""
+UNROLL_MAX_EXPERTS = 64  # more experts than this stay stacked (program size, and FLOPs)
+
+
+def _decode_layout(params, cache, cfg, scfg, mesh_rules):
+    """Per-layer weights and caches for the decode loop when `scfg.unroll_layers` says so;
+    per-expert weights too on one device with up to UNROLL_MAX_EXPERTS experts."""
     unroll = scfg.unroll_layers
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
     if not unroll:
         return params, cache
-    return unstack_layers(params), unstack_cache(cache)
+    experts = mesh_rules is None and 0 < cfg.n_routed_experts <= UNROLL_MAX_EXPERTS
+    return unstack_layers(params, experts=experts), unstack_cache(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "cache_length", "mesh_rules"))
@@ -255,7 +260,7 @@ def _sample_plain(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cach
     b = prompt_tokens.shape[0]
     n = scfg.max_new_tokens
     out, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rules)
-    params, cache = _decode_layout(params, cache, scfg)
+    params, cache = _decode_layout(params, cache, cfg, scfg, mesh_rules)
     logits = out.logits[:, 0]
     record = scfg.record_experts and "experts" in out.aux
     experts = None
@@ -357,7 +362,7 @@ def _sample_speculative(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg
     rows = jnp.arange(b)
     out, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rules,
                           with_mtp=True)
-    params, cache = _decode_layout(params, cache, scfg)
+    params, cache = _decode_layout(params, cache, cfg, scfg, mesh_rules)
     last = prompt_lengths - 1
     first_logits = out.logits[rows, last]
     first = choose(first_logits, jax.random.fold_in(key, 0), scfg)

@@ -10,6 +10,8 @@ the (token, expert) pairs are sorted by expert and padded per expert to a multip
 block of rows; a loop over the occupied blocks multiplies each by its expert's weights
 (`moe_matmul='blocks'`). `moe_matmul='ragged_dot'` uses `jax.lax.ragged_dot` instead,
 which is a grouped matmul on TPU but is lowered densely (all experts) on CPU and GPU.
+Weights split into per-expert tuples (`transformer.unstack_layers(..., experts=True)`, the
+sampler's decode layout on CPU) run `expert_ffn_unrolled` for a few tokens.
 """
 from __future__ import annotations
 
@@ -223,6 +225,25 @@ def expert_ffn_ragged(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
     return jnp.zeros((n, x_nd.shape[1]), dt).at[token].add(y), sizes
 
 
+UNROLLED_MAX_TOKENS = 64  # above this, per-expert weights are stacked again for `blocks`
+
+
+def expert_ffn_unrolled(x_nd, experts_nk, weights_nk, gate_e, up_e, down_e):
+    """SwiGLU of every expert over all n tokens, each weighted by the token's gate weight
+    for that expert (0 where not chosen); gate_e, up_e, down_e are tuples of per-expert
+    matrices. e / k times the FLOPs of the grouped matmul, but no sorting, padding, loop
+    or copies of expert weights out of a stack: for a decode step's few tokens, whose
+    matmuls are bound by reading the weights, about 1.6x faster than `blocks` on CPU."""
+    n, d = x_nd.shape
+    e = len(gate_e)
+    combine_ne = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], experts_nk].add(weights_nk)
+    y = jnp.zeros((n, d), jnp.float32)
+    for j in range(e):
+        y = y + swiglu(x_nd, gate_e[j], up_e[j], down_e[j]).astype(jnp.float32) * combine_ne[:, j:j + 1]
+    load = jnp.bincount(experts_nk.reshape(-1), length=e).astype(jnp.int32)
+    return y.astype(x_nd.dtype), load
+
+
 def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
         experts_btk: Optional[jax.Array] = None, mesh_rules=None,
         token_mask_bt: Optional[jax.Array] = None) -> tuple[jax.Array, MoEStats]:
@@ -239,6 +260,11 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     x_nd = x_btd.reshape(b * t, d)
     replay = None if experts_btk is None else experts_btk.reshape(b * t, -1)
     experts, weights, scores = route(x_nd, w, cfg, replay)
+    if isinstance(w.gate, tuple):
+        if b * t <= UNROLLED_MAX_TOKENS:
+            y, load = expert_ffn_unrolled(x_nd, experts, weights, w.gate, w.up, w.down)
+            return _finish(y, load, w, x_nd, experts, weights, scores, cfg, b, t, token_mask_bt)
+        w = dataclasses.replace(w, gate=jnp.stack(w.gate), up=jnp.stack(w.up), down=jnp.stack(w.down))
     if expert_parallel.enabled(cfg, mesh_rules):
         y = expert_parallel.routed_experts(x_nd, experts, weights, w, cfg, mesh_rules)
         load = jnp.bincount(experts.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
@@ -247,6 +273,12 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     else:
         blk = cfg.moe_block_size or block_size(b * t * cfg.num_experts_per_tok, cfg.n_routed_experts)
         y, load = expert_ffn_blocks(x_nd, experts, weights, w.gate, w.up, w.down, blk, cfg.remat)
+    return _finish(y, load, w, x_nd, experts, weights, scores, cfg, b, t, token_mask_bt)
+
+
+def _finish(y, load, w, x_nd, experts, weights, scores, cfg, b, t, token_mask_bt):
+    """Shared experts, loads over real tokens, balance loss; -> ([b, t, d], MoEStats)."""
+    d = x_nd.shape[1]
     if w.shared is not None:
         y = y + swiglu(x_nd, w.shared.gate, w.shared.up, w.shared.down)
     experts_btk = experts.reshape(b, t, -1)

@@ -144,22 +144,39 @@ def block(w: BlockWeights, h_btd, cos, sin, mask_bts, cfg: ModelConfig,
     return constrain(h_btd + m, ("batch", "seq", "act_embed"), mesh_rules), cache, stats
 
 
-def unstack_layers(params: Params) -> Params:
-    """The same parameters with each layer stack [l, ...] split into a tuple of l layers.
+def unstack_layers(params: Params, experts: bool = False) -> Params:
+    """The same parameters with each layer stack [l, ...] split into a tuple of l layers,
+    and with `experts=True` each MoE layer's routed experts [e, ...] into tuples of e.
 
-    `forward` runs a tuple of layers as an unrolled Python loop instead of `lax.scan`.
-    The sampler decodes this way: XLA on CPU copies every layer's weights out of the
-    stack on each scan iteration (a dynamic slice), which in a memory-bound decode step
-    costs more than the matrix products themselves. The split happens once per call,
-    outside the decode loop, and holds a second copy of the layer weights meanwhile.
+    `forward` runs a tuple of layers as an unrolled Python loop instead of `lax.scan`,
+    and per-expert weights through `moe.expert_ffn_unrolled` (for up to
+    `moe.UNROLLED_MAX_TOKENS` tokens). The sampler decodes this way on CPU: there XLA
+    copies every layer's (and every expert block's) weights out of their stack on each
+    loop iteration (a dynamic slice), which in a memory-bound decode step costs more than
+    the matrix products themselves. The split happens once per call, outside the decode
+    loop, and holds a second copy of the weights meanwhile.
     """
-    def split(stack):
+    def split(tree, count):
+        return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(count))
+
+    def split_layers(stack):
         if stack is None or isinstance(stack, tuple):
             return stack
-        layers = jax.tree.leaves(stack)[0].shape[0]
-        return tuple(jax.tree.map(lambda a, i=i: a[i], stack) for i in range(layers))
-    return dataclasses.replace(params, dense_layers=split(params.dense_layers),
-                               moe_layers=split(params.moe_layers))
+        return split(stack, jax.tree.leaves(stack)[0].shape[0])
+
+    def split_experts(layer: BlockWeights) -> BlockWeights:
+        m = layer.mlp
+        if not experts or not isinstance(m, MoEWeights) or isinstance(m.gate, tuple):
+            return layer
+        e = m.gate.shape[0]
+        return dataclasses.replace(layer, mlp=dataclasses.replace(
+            m, gate=split(m.gate, e), up=split(m.up, e), down=split(m.down, e)))
+
+    moe_layers = split_layers(params.moe_layers)
+    if moe_layers is not None:
+        moe_layers = tuple(split_experts(layer) for layer in moe_layers)
+    return dataclasses.replace(params, dense_layers=split_layers(params.dense_layers),
+                               moe_layers=moe_layers)
 
 
 def _run_layers(layers: tuple, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
