@@ -44,10 +44,12 @@ class SamplingConfig:
     cache_length: slots per row (default prompt length + max_new_tokens (+1 speculative)).
     pad_id: written after a row has stopped.
     record_experts: return the MoE experts each position was routed to (routing replay).
-    unroll_layers: decode with the layer stacks split into per-layer weights (see
-      `transformer.unstack_layers`): faster where XLA copies a layer's weights out of the
-      stack on every step (CPU), at the cost of a second copy of the layer weights
-      during the call. None = on for the CPU backend, off elsewhere.
+    unroll_layers: decode with the layer stacks split into per-layer weights, and on one
+      device the routed experts of models with up to 64 into per-expert weights (see
+      `transformer.unstack_layers`): faster where XLA copies weights out of their stack
+      on every step (CPU), at the cost of a second copy of the weights during the call
+      (pass params already split by `unstack_layers` to avoid it). None = on for the
+      CPU backend, off elsewhere.
     """
 
     max_new_tokens: int = 128
