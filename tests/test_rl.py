@@ -530,3 +530,32 @@ def _generate_digits(params, examples, key, *, reward):
     return rollout.generate_groups(params, CFG, examples, tokenizer=TOK, prompt_fn=lambda e: e["q"],
                                    reward_fn=reward, num_generations=G, scfg=SCFG, key=key,
                                    prompt_len=P)
+
+
+@pytest.mark.parametrize("with_tied", [False, True], ids=["lm_head", "tied"])
+def test_chunked_head_logprobs_equal_whole_logits(with_tied):
+    """`head_logprobs` in chunks of a few positions (padding the last) gives the log-probs,
+    entropies and gradients of the plain computation over whole logits."""
+    from r1jax.losses import entropy, token_logprobs
+    from r1jax.model.layers import rms_norm, unembed
+
+    cfg = r1jax.configs.tiny_dense(tie_word_embeddings=with_tied)
+    params = r1jax.init_params(jax.random.key(3), cfg)
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(3, 7, cfg.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(3, 7)), jnp.int32)
+
+    def whole(params, h):
+        logits = unembed(rms_norm(h, params.final_norm, cfg.rms_norm_eps), params.lm_head, params.embed)
+        return token_logprobs(logits, targets, 0.7), entropy(logits, 0.7)
+
+    def chunked(params, h):
+        return rollout.head_logprobs(params, h, targets, cfg, 0.7, with_entropy=True, chunk_tokens=6)
+
+    for a, b in zip(whole(params, h), chunked(params, h)):  # 3 rows x 2 positions per chunk
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-6)
+    weights = jnp.asarray(rng.normal(size=(3, 7)), jnp.float32)
+    grad = lambda fn: jax.grad(lambda p, h: jnp.sum(fn(p, h)[0] * weights), argnums=(0, 1))(params, h)  # noqa: E731
+    want, got = grad(whole), grad(chunked)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5)

@@ -230,13 +230,14 @@ def default_positions(tokens_bt: jax.Array, segment_ids_bt: Optional[jax.Array])
     return index - segment_start
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "return_hidden", "with_mtp", "mesh_rules"))
+@functools.partial(jax.jit, static_argnames=("cfg", "return_hidden", "with_mtp", "mesh_rules",
+                                             "return_logits"))
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
             positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
             cache: Optional[KVCache] = None, *, routing: Optional[dict] = None,
             return_hidden: bool = False, with_mtp: bool = True,
             logits_at: Optional[jax.Array] = None, token_mask: Optional[jax.Array] = None,
-            mesh_rules: Optional[MeshRules] = None) -> ModelOutput:
+            mesh_rules: Optional[MeshRules] = None, return_logits: bool = True) -> ModelOutput:
     """Runs the model on tokens [b, t] int32.
 
     positions [b, t]: RoPE positions (default 0..t-1, or cache slots when decoding).
@@ -250,6 +251,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
     token_mask [b, t]: real tokens (padding is left out of MoE loads and balance loss).
     with_mtp: also run the multi-token-prediction module when params have one (without a
       cache; the sampler drives MTP drafting itself through `r1jax.model.mtp.mtp_forward`).
+    return_logits: False skips the output head (logits None): for callers that apply it
+      to `aux['final_hidden']` themselves, in chunks (`r1jax.rl.rollout.policy_logprobs`).
     """
     b, t = tokens.shape
     if cache is not None and segment_ids is not None:
@@ -290,7 +293,10 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
         aux["hidden"] = jnp.concatenate(hidden, axis=0)
     h_final = h
     h_head = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
-    logits = unembed(rms_norm(h_head, params.final_norm, cfg.rms_norm_eps), params.lm_head, params.embed)
+    logits = None
+    if return_logits:
+        logits = unembed(rms_norm(h_head, params.final_norm, cfg.rms_norm_eps), params.lm_head,
+                         params.embed)
 
     mtp_logits = None
     if params.mtp is not None and with_mtp and cache is None:

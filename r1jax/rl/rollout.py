@@ -26,6 +26,7 @@ from r1jax.configs import ModelConfig
 from r1jax.data.padding import tokenize_prompts
 from r1jax.losses import entropy as token_entropy
 from r1jax.losses import token_logprobs
+from r1jax.model.layers import rms_norm, unembed
 from r1jax.model.transformer import Params, forward
 from r1jax.rl import grpo
 from r1jax.sampling import FINISHED_LENGTH, Samples, SamplingConfig, sample, validate
@@ -231,10 +232,48 @@ def policy_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, temp
     """
     routing = None if experts is None else {"moe": jnp.moveaxis(experts, 0, 1)}
     out = forward(params, tokens_nT, cfg, routing=routing, with_mtp=False, token_mask=token_mask,
-                  mesh_rules=mesh_rules)
-    logits = out.logits[:, :-1]
-    logp = token_logprobs(logits, tokens_nT[:, 1:], temperature)
-    return logp, (token_entropy(logits, temperature) if with_entropy else None), out.aux
+                  mesh_rules=mesh_rules, return_logits=False)
+    logp, ent = head_logprobs(params, out.aux["final_hidden"][:, :-1], tokens_nT[:, 1:], cfg,
+                              temperature, with_entropy)
+    return logp, ent, out.aux
+
+
+LOGPROB_CHUNK_TOKENS = 4096  # logits held at once by `head_logprobs`: rows x positions
+
+
+def head_logprobs(params: Params, h_ntd: jax.Array, targets_nt: jax.Array, cfg: ModelConfig,
+                  temperature: float = 1.0, with_entropy: bool = False,
+                  chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
+    """Final norm, output head and log-probs of `targets` [n, t] from the last hidden state
+    h [n, t, d], in chunks of positions: (logp [n, t] float32, entropy [n, t] or None).
+
+    The logits of a whole batch ([n, t, vocab] float32: 1.6 GB for 64 x 191 tokens of a
+    32k vocabulary, and as much again for their gradient) never exist at once: each chunk
+    of about `chunk_tokens` tokens is recomputed in the backward pass (`jax.checkpoint`).
+    Chunks run along positions, so rows keep their sharding over the batch axes.
+    """
+    n, t, _ = h_ntd.shape
+    span = max(1, min(t, chunk_tokens // max(n, 1)))
+    chunks = -(-t // span)
+    pad = chunks * span - t
+
+    @jax.checkpoint
+    def one(h_nsd, targets_ns):
+        logits = unembed(rms_norm(h_nsd, params.final_norm, cfg.rms_norm_eps), params.lm_head,
+                         params.embed)
+        logp = token_logprobs(logits, targets_ns, temperature)
+        ent = token_entropy(logits, temperature) if with_entropy else jnp.zeros_like(logp)
+        return logp, ent
+
+    if chunks == 1:
+        logp, ent = one(h_ntd, targets_nt)
+    else:
+        h = jnp.pad(h_ntd, ((0, 0), (0, pad), (0, 0))).reshape(n, chunks, span, -1)
+        targets = jnp.pad(targets_nt, ((0, 0), (0, pad))).reshape(n, chunks, span)
+        logp, ent = jax.lax.map(lambda xs: one(*xs), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(targets, 1, 0)))
+        logp = jnp.moveaxis(logp, 0, 1).reshape(n, -1)[:, :t]
+        ent = jnp.moveaxis(ent, 0, 1).reshape(n, -1)[:, :t]
+    return logp, (ent if with_entropy else None)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "temperature", "mesh_rules"))
