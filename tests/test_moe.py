@@ -373,3 +373,95 @@ def test_ragged_dot_cost_grows_with_experts_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("documents the CPU lowering")
     assert flops[64] / flops[8] > 6, flops
+
+
+# Block dispatch: block sizes per level and the custom VJP -----------------------------------
+
+def test_block_plan():
+    assert moe._block_plan(256, 3) == (512, 256, 128, 64)
+    assert moe._block_plan(256, 0) == (256,)  # all blocks of `block` rows
+    assert moe._block_plan(32, 3) == (64, 32, 16, 8)
+    assert moe._block_plan(16, 3) == (16, 8)  # never below 8
+    assert moe._block_plan(8, 2) == (8,)
+
+
+@pytest.mark.parametrize("levels", [0, 1, 3])
+def test_blocks_dispatch_levels_gradients_equal_dense_reference(levels):
+    """Output and gradients (x, gate weights, expert weights) of the block dispatch with
+    blocks of (32), (64, 32) and (64, 32, 16, 8) rows against the dense reference: expert 3 receives every token,
+    experts 0, 2, 5 none, and some pairs are marked outside [0, e) (skipped: the reference's
+    one_hot is zero there), under jit, jax.checkpoint and remat=True alike."""
+    n, k, e, d, f = 45, 3, 8, 16, 24
+    c = _case(n=n, k=k, e=e, d=d, f=f, assign="random", seed=2)
+    rng = np.random.default_rng(3)
+    experts = np.stack([np.full(n, 3), rng.choice([1, 4, 6, 7], n), rng.choice([1, 4, 6], n)], 1)
+    experts[rng.choice(n, 5, replace=False), 2] = -1
+    experts[rng.choice(n, 4, replace=False), 1] = e
+    experts = jnp.asarray(experts, jnp.int32)
+    names = ("x", "weights", "gate", "up", "down")
+    cot = jax.random.normal(jax.random.key(1), (n, d))
+
+    def loss(fn):
+        def g(x, weights, gate, up, down):
+            y = fn(x, experts, weights, gate, up, down)
+            return jnp.sum((y[0] if isinstance(y, tuple) else y) * cot)
+        return g
+
+    blocks = lambda *a: moe.expert_ffn_blocks(*a, 32, levels=levels)
+    blocks_remat = jax.checkpoint(lambda *a: moe.expert_ffn_blocks(*a, 32, True, levels=levels))
+    diff = [c[name] for name in names]
+    want = jax.jit(jax.value_and_grad(loss(_dense_reference), tuple(range(5))))(*diff)
+    for fn in (blocks, blocks_remat):
+        got = jax.jit(jax.value_and_grad(loss(fn), tuple(range(5))))(*diff)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
+        for name, g, w in zip(names, got[1], want[1]):
+            assert float(jnp.abs(w).max()) > 0
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
+        gate_grad = np.asarray(got[1][2])
+        assert np.all(gate_grad[[0, 2, 5]] == 0)
+        assert np.all(np.abs(gate_grad[[1, 3, 4, 6, 7]]).sum((1, 2)) > 0)
+        weights_grad = np.asarray(got[1][1])
+        assert np.all(weights_grad[np.asarray(experts) < 0] == 0)
+        assert np.all(weights_grad[np.asarray(experts) >= e] == 0)
+    y, load = jax.jit(blocks)(*(c["x"], experts, c["weights"], c["gate"], c["up"], c["down"]))
+    kept = (np.asarray(experts) >= 0) & (np.asarray(experts) < e)
+    want_y = _np_reference(c["x"], np.where(kept, experts, 0), np.where(kept, c["weights"], 0),
+                           c["gate"], c["up"], c["down"])
+    np.testing.assert_allclose(y, want_y, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(load, np.bincount(np.asarray(experts)[kept], minlength=e))
+
+
+def test_blocks_dispatch_forward_mode_equals_dense_reference():
+    """jax.jvp (under vmap over tangents) through the block dispatch: its tangent map is a
+    primitive of its own (reverse mode transposes it with the block loops)."""
+    n, k, e, d, f = 30, 2, 8, 16, 24
+    c = _case(n=n, k=k, e=e, d=d, f=f, assign="some_empty", seed=4)
+    args = (c["x"], c["weights"], c["gate"], c["up"], c["down"])
+    rng = np.random.default_rng(5)
+    tangents = [jnp.asarray(rng.standard_normal((3, *a.shape)), jnp.float32) for a in args]
+
+    def jvps(fn):
+        def out(x, w, a, b, dn):
+            y = fn(x, c["experts"], w, a, b, dn)
+            return y[0] if isinstance(y, tuple) else y
+        return jax.jit(jax.vmap(lambda *t: jax.jvp(out, args, t)[1]))(*tangents)
+
+    got = jvps(lambda *a: moe.expert_ffn_blocks(*a, 8))
+    want = jvps(_dense_reference)
+    assert float(jnp.abs(want).max()) > 0
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_dispatch_many_small_experts():
+    """30 rows over 8 experts with blocks of (32, 16): every expert's rows fit one tail
+    block of 16, so there are more tail blocks (8) than 30 / 16 rows would suggest."""
+    c = _case(n=10, k=3, e=8, d=16, f=24, assign="random", seed=6)
+    args = (c["x"], c["experts"], c["weights"], c["gate"], c["up"], c["down"])
+    y, _ = jax.jit(lambda *a: moe.expert_ffn_blocks(*a, 16, levels=1))(*args)
+    np.testing.assert_allclose(y, _np_reference(*args), atol=1e-5, rtol=1e-5)
+    loss = lambda fn: lambda x, g: jnp.sum(fn(x, c["experts"], c["weights"], g, c["up"], c["down"]))
+    got = jax.jit(jax.grad(loss(lambda *a: moe.expert_ffn_blocks(*a, 16, levels=1)[0]), (0, 1)))(
+        c["x"], c["gate"])
+    want = jax.jit(jax.grad(loss(_dense_reference), (0, 1)))(c["x"], c["gate"])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)

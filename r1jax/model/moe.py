@@ -16,11 +16,14 @@ sampler's decode layout on CPU) run `expert_ffn_unrolled` for a few tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
+from jax import core
+from jax.extend import core as jax_core
+from jax.interpreters import ad, batching, mlir
 
 from r1jax.configs import ModelConfig
 from r1jax.model.layers import swiglu
@@ -163,52 +166,243 @@ def _sorted_pairs(experts_nk: jax.Array, num_experts: int):
     return flat, order, sizes
 
 
+BLOCK_LEVELS = 3  # block sizes 2 * block, block, block / 2, block / 4 (see _block_plan)
+
+
+def _block_plan(block: int, levels: int) -> tuple[int, ...]:
+    """Static block sizes, largest first: each expert's rows fill full blocks of the largest
+    size, what is left (padded to the smallest) at most one block of each smaller size.
+    2 * block halved `levels` times when that stays >= 8 rows, else block halved while it
+    does (at most `levels` times); levels=0: (block,)."""
+    top = 2 * block if levels and (2 * block) >> levels >= 8 else block
+    sizes = [top]
+    while len(sizes) <= levels and sizes[-1] // 2 >= 8 and sizes[-1] % 2 == 0:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
+
+
+def _block_layout(experts_nk, e: int, plan: tuple[int, ...]):
+    """(sizes [e], and per block size s of `plan`: (block_expert [nb], occupied [nb],
+    pad_pair [nb, s])): the pair (index into experts_nk.reshape(-1)) on each row of each
+    block, n*k where the row is padding. Blocks hold one expert's rows, in sorted order."""
+    n, k = experts_nk.shape
+    rows = n * k
+    skip = jnp.where((experts_nk >= 0) & (experts_nk < e), experts_nk, e)  # sorts last
+    _, order, sizes = _sorted_pairs(skip, e)  # bincount(length=e) leaves out id e
+    start = jnp.cumsum(sizes) - sizes
+    big, small = plan[0], plan[-1]
+    chunks = (sizes + small - 1) // small  # rows per expert in units of the smallest block
+    per_big = big // small
+    counts = [chunks // per_big]  # full blocks of the largest size ...
+    rest = chunks % per_big  # ... then one block per set bit of the remainder
+    for s in plan[1:]:
+        counts.append((rest // (s // small)) % 2)
+    offset = jnp.zeros_like(sizes)
+    levels = []
+    for i, (s, count) in enumerate(zip(plan, counts)):
+        # full blocks: sum of ceil(size / small) // (big / small); tails: one per expert
+        bound = (rows + e * (small - 1)) // s if i == 0 else min(e, rows)
+        bound = max(bound, 1)
+        end = jnp.cumsum(count)
+        b = jnp.arange(bound)
+        expert = jnp.minimum(jnp.searchsorted(end, b, side="right"), e - 1).astype(jnp.int32)
+        occupied = b < end[-1]
+        row = offset[expert] + (b - (end - count)[expert]) * s  # first row within the expert
+        idx = row[:, None] + jnp.arange(s)[None, :]
+        valid = occupied[:, None] & (idx < sizes[expert][:, None])
+        pair = order[jnp.clip(start[expert][:, None] + idx, 0, rows - 1)]
+        levels.append((expert, occupied, jnp.where(valid, pair, rows).astype(jnp.int32)))
+        offset = offset + count * s
+    return sizes, tuple(levels)
+
+
+def _silu_and_grad(g):
+    s = jax.nn.sigmoid(g)
+    return g * s, s * (1 + g * (1 - s))
+
+
+@jax.custom_jvp
+def _grouped_swiglu(layout, x_nd, w_pairs, gate_edf, up_edf, down_efd):
+    """sum over pairs (token, expert) of w_pair * SwiGLU_expert(x_token), by blocks."""
+    return _forward(layout, x_nd, w_pairs, gate_edf, up_edf, down_efd, False)[0]
+
+
+@_grouped_swiglu.defjvp
+def _grouped_swiglu_jvp(primals, tangents):
+    """The primal by `_forward` over the occupied blocks only (a dynamic trip count: no
+    cond per block), keeping every block's gate and up products; the tangent through
+    `_swiglu_lin_p`, whose transpose (reverse mode) is `_grouped_swiglu_bwd`."""
+    layout, x_nd, w_pairs, gate_edf, up_edf, down_efd = primals
+    y, saved = _forward(layout, x_nd, w_pairs, gate_edf, up_edf, down_efd, True)
+    leaves, tree = jax.tree.flatten((layout, x_nd, w_pairs, gate_edf, up_edf, down_efd, saved))
+    return y, _swiglu_lin_p.bind(*leaves, *tangents[1:], res_tree=tree)
+
+
+def _swiglu_lin(*args, res_tree):
+    """The tangent map (linear in the last 5 arguments), by forward-mode autodiff."""
+    layout, x_nd, w_pairs, gate_edf, up_edf, down_efd, _ = jax.tree.unflatten(res_tree, args[:-5])
+    fn = lambda *a: _forward(layout, *a, False)[0]
+    return jax.jvp(fn, (x_nd, w_pairs, gate_edf, up_edf, down_efd), tuple(args[-5:]))[1]
+
+
+def _swiglu_lin_transpose(ct, *args, res_tree):
+    res = jax.tree.unflatten(res_tree, args[:-5])
+    if type(ct) is ad.Zero:
+        ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
+    cts = _grouped_swiglu_bwd(res, ct)
+    return [None] * (len(args) - 5) + [c if isinstance(a, ad.UndefinedPrimal) else None
+                                       for a, c in zip(args[-5:], cts)]
+
+
+def _swiglu_lin_batch(args, dims, res_tree):
+    args = [a if dim is None else jnp.moveaxis(a, dim, 0) for a, dim in zip(args, dims)]
+    axes = [None if dim is None else 0 for dim in dims]
+    return jax.vmap(functools.partial(_swiglu_lin, res_tree=res_tree), in_axes=axes)(*args), 0
+
+
+# A primitive so that reverse mode transposes the tangent map with the block loops of
+# `_grouped_swiglu_bwd` (autodiff's own transpose of a loop over blocks adds a full
+# [e, d, f] cotangent per block); forward mode and vmap evaluate it as written.
+_swiglu_lin_p = jax_core.Primitive("moe_grouped_swiglu_lin")
+_swiglu_lin_p.def_impl(_swiglu_lin)
+_swiglu_lin_p.def_abstract_eval(
+    lambda *args, res_tree: core.ShapedArray(args[-5].shape, args[-5].dtype))
+mlir.register_lowering(_swiglu_lin_p, mlir.lower_fun(_swiglu_lin, multiple_results=False))
+ad.primitive_transposes[_swiglu_lin_p] = _swiglu_lin_transpose
+batching.primitive_batchers[_swiglu_lin_p] = _swiglu_lin_batch
+
+
+def _forward(layout, x_nd, w_pairs, gate_edf, up_edf, down_efd, dynamic: bool):
+    """(y [n, d], per block size: (gate, up) products [blocks, s, f]). dynamic: a
+    fori_loop over the occupied blocks; else a scan over all of them, each under a cond."""
+    n, d = x_nd.shape
+    k = w_pairs.shape[0] // n
+    dt = x_nd.dtype
+    f = gate_edf.shape[-1]
+    y = jnp.zeros((n, d), dt)
+    saved = []
+    for expert, occupied, pad_pair in layout:
+        s = pad_pair.shape[1]
+        pw = w_pairs.astype(dt).at[pad_pair].get(mode="fill", fill_value=0)
+        token = pad_pair // k  # n (out of range) on padding rows
+
+        def compute(tok, wb, ex):
+            xb = x_nd.at[tok].get(mode="fill", fill_value=0)
+            g = jnp.einsum("bd,df->bf", xb, gate_edf[ex].astype(dt))
+            u = jnp.einsum("bd,df->bf", xb, up_edf[ex].astype(dt))
+            yb = jnp.einsum("bf,fd->bd", jax.nn.silu(g) * u, down_efd[ex].astype(dt))
+            return yb * wb[:, None], g, u
+
+        if dynamic:
+            def loop(i, carry):
+                y, g_all, u_all = carry
+                yb, g, u = compute(token[i], pw[i], expert[i])
+                return (y.at[token[i]].add(yb, mode="drop"),
+                        jax.lax.dynamic_update_index_in_dim(g_all, g, i, 0),
+                        jax.lax.dynamic_update_index_in_dim(u_all, u, i, 0))
+
+            zeros = jnp.zeros((expert.shape[0], s, f), dt)
+            y, g_all, u_all = jax.lax.fori_loop(0, occupied.sum(), loop, (y, zeros, zeros))
+            saved.append((g_all, u_all))
+            continue
+
+        def body(y, xs, s=s):
+            tok, wb, ex, used = xs
+
+            def skip():
+                return jnp.zeros((s, d), dt), jnp.zeros((s, f), dt), jnp.zeros((s, f), dt)
+
+            yb, g, u = jax.lax.cond(used, lambda: compute(tok, wb, ex), skip)
+            return y.at[tok].add(yb, mode="drop"), (g, u)
+
+        y, gu = jax.lax.scan(body, y, (token, pw, expert, occupied))
+        saved.append(gu)
+    return y, tuple(saved)
+
+
+def _grouped_swiglu_bwd(res, dy):
+    """Cotangents of (x_nd, w_pairs, gate, up, down). Per occupied block of expert e
+    with rows x, products g, u, gate weights w and output cotangent dy: dh = dy down_e^T,
+    dw = sum(h * dh), dh *= w, dg = dh * u * silu'(g), du = dh * silu(g);
+    dx = dg gate_e^T + du up_e^T; x^T dg, x^T du, (w h)^T dy are added into expert e's
+    slices of the weight gradients."""
+    layout, x_nd, w_pairs, gate_edf, up_edf, down_efd, saved = res
+    n, d = x_nd.shape
+    k = w_pairs.shape[0] // n
+    dt = x_nd.dtype
+    e, _, f = gate_edf.shape
+    acc = jnp.float32
+    dy = dy.astype(dt)
+    carry = (jnp.zeros((n, d), dt), jnp.zeros((e, d, f), acc), jnp.zeros((e, d, f), acc),
+             jnp.zeros((e, f, d), acc))
+    dw_pairs = jnp.zeros(w_pairs.shape, w_pairs.dtype)
+    for (expert, occupied, pad_pair), (g_all, u_all) in zip(layout, saved):
+        pw = w_pairs.astype(dt).at[pad_pair].get(mode="fill", fill_value=0)
+        token = pad_pair // k
+
+        def block_grads(tok, g, u, wb, ex):
+            xb = x_nd.at[tok].get(mode="fill", fill_value=0)
+            dyb = dy.at[tok].get(mode="fill", fill_value=0)  # before the gate weight
+            silu, dsilu = _silu_and_grad(g)
+            h = silu * u
+            dh = jnp.einsum("bd,fd->bf", dyb, down_efd[ex].astype(dt))
+            dwb = jnp.sum(h * dh, -1)  # gradient of the row's gate weight
+            dh = dh * wb[:, None]
+            dg, du = dh * u * dsilu, dh * silu
+            dxb = (jnp.einsum("bf,df->bd", dg, gate_edf[ex].astype(dt))
+                   + jnp.einsum("bf,df->bd", du, up_edf[ex].astype(dt)))
+            return (dxb, dwb, jnp.einsum("bd,bf->df", xb, dg).astype(acc),
+                    jnp.einsum("bd,bf->df", xb, du).astype(acc),
+                    jnp.einsum("bf,bd->fd", h * wb[:, None], dyb).astype(acc))
+
+        def add(a, b, ex):
+            return jax.lax.dynamic_update_index_in_dim(a, a[ex] + b, ex, 0)
+
+        def body(i, carry):
+            dx, dgate, dup, ddown, dwp = carry
+            ex = expert[i]
+            dxb, dwb, dg_e, du_e, dd_e = block_grads(token[i], g_all[i], u_all[i], pw[i], ex)
+            return (dx.at[token[i]].add(dxb, mode="drop"), add(dgate, dg_e, ex),
+                    add(dup, du_e, ex), add(ddown, dd_e, ex),
+                    dwp.at[pad_pair[i]].add(dwb.astype(dwp.dtype), mode="drop"))
+
+        *carry, dw_pairs = jax.lax.fori_loop(0, occupied.sum(), body, (*carry, dw_pairs))
+    dx, dgate, dup, ddown = carry
+    return (dx, dw_pairs, dgate.astype(gate_edf.dtype), dup.astype(up_edf.dtype),
+            ddown.astype(down_efd.dtype))
+
+
 def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, block: int,
-                      remat: bool = False):
-    """Sorted, block-padded grouped SwiGLU: compute is (n*k + experts*block) rows at most,
+                      remat: bool = False, levels: Optional[int] = None):
+    """Sorted, block-padded grouped SwiGLU: compute is (n*k + experts*block) rows at most
+    (n*k + experts*block/4 with the default levels; n*k + 2*experts*block block slots),
     and only the occupied blocks run. Pairs whose expert id is outside [0, e) are skipped
     (no compute, zero output): expert parallelism marks pairs owned elsewhere that way.
 
-    remat: keep only each block's gate and up products for the backward pass. Without it
-    the loop also saves each block's slice of the expert weights, [blocks, d, f] per matrix
-    (62 GB per device for DeepSeek-V3 at 4k tokens per device)."""
-    n, k = experts_nk.shape
-    e, d, _ = gate_edf.shape
-    dt = x_nd.dtype
-    rows = n * k
-    skip = jnp.where((experts_nk >= 0) & (experts_nk < e), experts_nk, e)  # sorts last
-    flat, order, sizes = _sorted_pairs(skip, e)  # bincount(length=e) leaves out id e
-    padded = (sizes + block - 1) // block * block
-    padded_start = jnp.cumsum(padded) - padded
-    start = jnp.cumsum(sizes) - sizes
-    sorted_expert = flat[order]
-    dest = padded_start[sorted_expert] + jnp.arange(rows) - start[sorted_expert]  # row in padded layout
-    num_blocks = -(-rows // block) + min(e, rows)  # static bound on occupied blocks
-    dest = jnp.where(sorted_expert < e, dest, num_blocks * block)  # skipped pairs: out of range
-    token = order // k
-    x_pad = jnp.zeros((num_blocks * block, d), dt).at[dest].set(x_nd[token], mode="drop")
-    block_start = jnp.arange(num_blocks) * block
-    block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), e - 1)
-    occupied = block_start < padded.sum()
+    Blocks (`levels` > 0, default BLOCK_LEVELS; `_block_plan`): each expert's rows fill
+    blocks of 2 * `block` rows; what is left (padded to a multiple of the smallest size,
+    2 * block / 2**levels) takes at most one block of each smaller power-of-two size, so
+    the padding is under block / 4 rows per expert (levels=3) rather than under `block`
+    (levels=0: all blocks of `block` rows, as before). One loop per block size; each block gathers its
+    rows from x_nd, multiplies them by its expert's weights and scatter-adds the
+    gate-weighted result into the output (no [rows, d] padded copies of x or y).
 
-    def one_block(args):
-        x_bd, expert, used = args
-
-        def compute():
-            g = jnp.einsum("bd,df->bf", x_bd, gate_edf[expert].astype(dt))
-            u = jnp.einsum("bd,df->bf", x_bd, up_edf[expert].astype(dt))
-            g, u = checkpoint_name(g, "moe_gate"), checkpoint_name(u, "moe_up")
-            return jnp.einsum("bf,fd->bd", jax.nn.silu(g) * u, down_efd[expert].astype(dt))
-
-        return jax.lax.cond(used, compute, lambda: jnp.zeros_like(x_bd))
-
-    if remat:
-        keep = jax.checkpoint_policies.save_only_these_names("moe_gate", "moe_up")
-        one_block = jax.checkpoint(one_block, policy=keep)
-    y_pad = jax.lax.map(one_block, (x_pad.reshape(num_blocks, block, d), block_expert, occupied))
-    y_sorted = (y_pad.reshape(-1, d).at[dest].get(mode="fill", fill_value=0)
-                * weights_nk.reshape(-1)[order][:, None].astype(dt))
-    return jnp.zeros((n, d), dt).at[token].add(y_sorted), sizes
+    Differentiation: a custom JVP whose tangent map is a primitive of its own, transposed
+    (reverse mode) by the same block loops run backwards: per block the input gradient and
+    the expert's weight gradients, accumulated in place into one [e, d, f] float32 buffer
+    per matrix (autodiff's transpose of a loop over blocks adds a full [e, d, f] cotangent
+    per block instead). Only each block's gate and up products are kept from the forward
+    pass (what `remat` used to keep; the argument is accepted for the callers' sake).
+    Forward mode and vmap work; derivatives of second order do not. Under differentiation
+    the loops run a dynamic number of iterations, the occupied blocks only; plain calls
+    (and jaxprs) see a `lax.scan` over the static number of blocks with a `lax.cond`
+    skipping the unoccupied ones: the same computation, its cost countable."""
+    del remat
+    e = gate_edf.shape[0]
+    plan = _block_plan(block, BLOCK_LEVELS if levels is None else levels)
+    sizes, layout = _block_layout(experts_nk, e, plan)
+    y = _grouped_swiglu(layout, x_nd, weights_nk.reshape(-1), gate_edf, up_edf, down_efd)
+    return y, sizes
 
 
 def expert_ffn_ragged(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
