@@ -57,9 +57,15 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation, ke
     (replicated on their mesh), so the jitted step compiles once, not again on step 2."""
     leaf = jax.tree.leaves(params)[0]
     sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    place = (lambda x: jax.device_put(x, sharding)) if sharding is not None else (lambda x: x)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        # one device: commit everything to it, as the jitted step's outputs will be;
+        # uncommitted inputs on step 1 would make step 2 compile again
+        device = sharding if sharding is not None else jax.devices()[0]
+        state = TrainState(params=params, opt_state=optimizer.init(params),
+                           step=jnp.zeros((), jnp.int32), key=key)
+        return jax.device_put(state, device)
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    place = lambda x: jax.device_put(x, replicated)  # noqa: E731
     opt_state = jax.tree.map(lambda x: place(x) if x.ndim == 0 else x, optimizer.init(params))
     return TrainState(params=params, opt_state=opt_state,
                       step=place(jnp.zeros((), jnp.int32)), key=place(key))

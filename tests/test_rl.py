@@ -559,3 +559,15 @@ def test_chunked_head_logprobs_equal_whole_logits(with_tied):
     want, got = grad(whole), grad(chunked)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5)
+
+
+def test_one_device_train_step_compiles_once():
+    """`init_train_state` commits the state to its device like the step's outputs, so step 2
+    reuses step 1's executable (uncommitted inputs made it compile twice)."""
+    params = r1jax.init_params(jax.random.key(0), CFG)
+    state = init_train_state(params, OPT, jax.random.key(1))
+    step = r1jax.training.make_lm_train_step(CFG, OPT)
+    tokens, mask = jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), jnp.float32)
+    for _ in range(3):
+        state, _ = step(state, tokens, mask)
+    assert step._cache_size() == 1
