@@ -7,25 +7,27 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_sampling_benchmark_quick(tmp_path):
-    out = tmp_path / "sampling.json"
-    subprocess.run([sys.executable, str(ROOT / "examples/benchmarks/sampling.py"), "--quick",
-                    "--skip-peer", "--out", str(out)], check=True, timeout=600, cwd=ROOT,
+def run_quick(tmp_path, name: str, *flags: str) -> dict:
+    """Runs examples/benchmarks/<name>.py --quick and returns the JSON it wrote."""
+    out = tmp_path / f"{name}.json"
+    subprocess.run([sys.executable, str(ROOT / "examples/benchmarks" / f"{name}.py"), "--quick",
+                    *flags, "--out", str(out)], check=True, timeout=600, cwd=ROOT,
                    capture_output=True, text=True)
     result = json.loads(out.read_text())
+    assert result["limits"]["matmul_gflops"] > 0
+    return result
+
+
+def test_sampling_benchmark_quick(tmp_path):
+    result = run_quick(tmp_path, "sampling", "--skip-peer")
     assert set(result["models"]) == {"deepseek", "qwen2"}
     deepseek = result["models"]["deepseek"]
     # MLA caches kv_lora_rank + qk_rope_head_dim values per token per layer (float32 bytes)
     assert deepseek["cache_bytes_per_token"]["per_layer"] == (16 + 8) * 4
-    assert result["limits"]["matmul_gflops"] > 0
 
 
 def test_grpo_step_benchmark_quick(tmp_path):
-    out = tmp_path / "grpo_step.json"
-    subprocess.run([sys.executable, str(ROOT / "examples/benchmarks/grpo_step.py"), "--quick",
-                    "--skip-peer", "--out", str(out)], check=True, timeout=600, cwd=ROOT,
-                   capture_output=True, text=True)
-    result = json.loads(out.read_text())
+    result = run_quick(tmp_path, "grpo_step", "--skip-peer")
     assert result["peer"] == "--skip-peer" and result["trl"] is None
     ours = result["r1jax"]
     for phase in ("step_s", "generate_s", "reference_s", "update_s"):
@@ -35,15 +37,10 @@ def test_grpo_step_benchmark_quick(tmp_path):
     # 2 prompts x G = 4 rows of 8 + 8 tokens; update = forward + backward = 3 forwards
     assert result["flops"]["tokens"] == 8 * 16
     assert result["flops"]["update"] == 3 * result["flops"]["reference"]
-    assert result["limits"]["matmul_gflops"] > 0
 
 
 def test_train_step_benchmark_quick(tmp_path):
-    out = tmp_path / "train_step.json"
-    subprocess.run([sys.executable, str(ROOT / "examples/benchmarks/train_step.py"), "--quick",
-                    "--out", str(out)], check=True, timeout=600, cwd=ROOT,
-                   capture_output=True, text=True)
-    result = json.loads(out.read_text())
+    result = run_quick(tmp_path, "train_step")
     assert set(result["models"]) == {"deepseek", "qwen2"}
     for row in result["models"].values():
         assert row["median_s"] > 0 and row["fraction_of_peak"] > 0
@@ -52,4 +49,3 @@ def test_train_step_benchmark_quick(tmp_path):
     # tiny_moe: top-2 of 8 experts + 1 shared expert of 32 -> dense SwiGLU of 96
     assert moe["dense_hidden"] == (2 + 1) * 32
     assert moe["ratio"] == moe["moe"]["median_s"] / moe["dense"]["median_s"] > 0
-    assert result["limits"]["matmul_gflops"] > 0

@@ -390,7 +390,7 @@ def test_blocks_dispatch_levels_gradients_equal_dense_reference(levels):
     """Output and gradients (x, gate weights, expert weights) of the block dispatch with
     blocks of (32), (64, 32) and (64, 32, 16, 8) rows against the dense reference: expert 3 receives every token,
     experts 0, 2, 5 none, and some pairs are marked outside [0, e) (skipped: the reference's
-    one_hot is zero there), under jit, jax.checkpoint and remat=True alike."""
+    one_hot is zero there), under jit and jax.checkpoint alike."""
     n, k, e, d, f = 45, 3, 8, 16, 24
     c = _case(n=n, k=k, e=e, d=d, f=f, assign="random", seed=2)
     rng = np.random.default_rng(3)
@@ -408,7 +408,7 @@ def test_blocks_dispatch_levels_gradients_equal_dense_reference(levels):
         return g
 
     blocks = lambda *a: moe.expert_ffn_blocks(*a, 32, levels=levels)
-    blocks_remat = jax.checkpoint(lambda *a: moe.expert_ffn_blocks(*a, 32, True, levels=levels))
+    blocks_remat = jax.checkpoint(blocks)
     diff = [c[name] for name in names]
     want = jax.jit(jax.value_and_grad(loss(_dense_reference), tuple(range(5))))(*diff)
     for fn in (blocks, blocks_remat):

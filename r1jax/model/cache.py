@@ -90,16 +90,25 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, with_mtp: bool = F
     )
 
 
+def split_stack(stack):
+    """A pytree stacked along a leading axis [l, ...] -> a tuple of l pytrees; None and
+    tuples (already split) pass through."""
+    if stack is None or isinstance(stack, tuple):
+        return stack
+    count = jax.tree.leaves(stack)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stack) for i in range(count))
+
+
+def join_stack(items):
+    """The inverse of `split_stack`: a tuple of pytrees -> one stacked along a new axis 0."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *items)
+
+
 def unstack_cache(cache: KVCache) -> KVCache:
     """The cache with its dense and MoE stacks [l, ...] split into tuples of per-layer
     caches, to go with `r1jax.model.transformer.unstack_layers`: a decode step then
     writes each layer's new slot in place instead of rebuilding the stack."""
-    def split(group):
-        if group is None or isinstance(group, tuple):
-            return group
-        layers = jax.tree.leaves(group)[0].shape[0]
-        return tuple(jax.tree.map(lambda a, i=i: a[i], group) for i in range(layers))
-    return dataclasses.replace(cache, dense=split(cache.dense), moe=split(cache.moe))
+    return dataclasses.replace(cache, dense=split_stack(cache.dense), moe=split_stack(cache.moe))
 
 
 def values_per_token_per_layer(cfg: ModelConfig) -> int:

@@ -128,7 +128,7 @@ def routed_experts(x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array
         ids = jnp.where((ids >= 0) & (ids < e_local), ids, e_local)  # elsewhere: skipped
 
         def chunk(args):  # the tokens of one source device
-            return moe_lib.expert_ffn_blocks(*args, gate, up, down, block, cfg.remat)[0]
+            return moe_lib.expert_ffn_blocks(*args, gate, up, down, block)[0]
 
         if cfg.remat:  # the backward pass keeps each chunk's inputs and recomputes from
             chunk = jax.checkpoint(chunk)  # there: block buffers for one chunk at a time

@@ -373,7 +373,7 @@ def _grouped_swiglu_bwd(res, dy):
 
 
 def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, block: int,
-                      remat: bool = False, levels: Optional[int] = None):
+                      levels: Optional[int] = None):
     """Sorted, block-padded grouped SwiGLU: compute is (n*k + experts*block) rows at most
     (n*k + experts*block/4 with the default levels; n*k + 2*experts*block block slots),
     and only the occupied blocks run. Pairs whose expert id is outside [0, e) are skipped
@@ -392,12 +392,11 @@ def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, 
     the expert's weight gradients, accumulated in place into one [e, d, f] float32 buffer
     per matrix (autodiff's transpose of a loop over blocks adds a full [e, d, f] cotangent
     per block instead). Only each block's gate and up products are kept from the forward
-    pass (what `remat` used to keep; the argument is accepted for the callers' sake).
+    pass (what `ModelConfig.remat` would keep), whatever `remat` says.
     Forward mode and vmap work; derivatives of second order do not. Under differentiation
     the loops run a dynamic number of iterations, the occupied blocks only; plain calls
     (and jaxprs) see a `lax.scan` over the static number of blocks with a `lax.cond`
     skipping the unoccupied ones: the same computation, its cost countable."""
-    del remat
     e = gate_edf.shape[0]
     plan = _block_plan(block, BLOCK_LEVELS if levels is None else levels)
     sizes, layout = _block_layout(experts_nk, e, plan)
@@ -454,25 +453,20 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     x_nd = x_btd.reshape(b * t, d)
     replay = None if experts_btk is None else experts_btk.reshape(b * t, -1)
     experts, weights, scores = route(x_nd, w, cfg, replay)
-    if isinstance(w.gate, tuple):
-        if b * t <= UNROLLED_MAX_TOKENS:
-            y, load = expert_ffn_unrolled(x_nd, experts, weights, w.gate, w.up, w.down)
-            return _finish(y, load, w, x_nd, experts, weights, scores, cfg, b, t, token_mask_bt)
+    per_expert = isinstance(w.gate, tuple)  # split by `transformer.unstack_layers`
+    if per_expert and b * t > UNROLLED_MAX_TOKENS:
         w = dataclasses.replace(w, gate=jnp.stack(w.gate), up=jnp.stack(w.up), down=jnp.stack(w.down))
-    if expert_parallel.enabled(cfg, mesh_rules):
+        per_expert = False
+    if per_expert:
+        y, load = expert_ffn_unrolled(x_nd, experts, weights, w.gate, w.up, w.down)
+    elif expert_parallel.enabled(cfg, mesh_rules):
         y = expert_parallel.routed_experts(x_nd, experts, weights, w, cfg, mesh_rules)
         load = jnp.bincount(experts.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
     elif cfg.moe_matmul == "ragged_dot":
         y, load = expert_ffn_ragged(x_nd, experts, weights, w.gate, w.up, w.down)
     else:
         blk = cfg.moe_block_size or block_size(b * t * cfg.num_experts_per_tok, cfg.n_routed_experts)
-        y, load = expert_ffn_blocks(x_nd, experts, weights, w.gate, w.up, w.down, blk, cfg.remat)
-    return _finish(y, load, w, x_nd, experts, weights, scores, cfg, b, t, token_mask_bt)
-
-
-def _finish(y, load, w, x_nd, experts, weights, scores, cfg, b, t, token_mask_bt):
-    """Shared experts, loads over real tokens, balance loss; -> ([b, t, d], MoEStats)."""
-    d = x_nd.shape[1]
+        y, load = expert_ffn_blocks(x_nd, experts, weights, w.gate, w.up, w.down, blk)
     if w.shared is not None:
         y = y + swiglu(x_nd, w.shared.gate, w.shared.up, w.shared.down)
     experts_btk = experts.reshape(b, t, -1)

@@ -18,7 +18,7 @@ from r1jax import sharding as shd
 from r1jax.configs import ModelConfig
 from r1jax.model import attention as attn
 from r1jax.model import mtp as mtp_lib
-from r1jax.model.cache import KVCache, LayerCache
+from r1jax.model.cache import KVCache, LayerCache, join_stack, split_stack
 from r1jax.model.layers import embed, rms_norm, swiglu, unembed
 from r1jax.model.moe import MLPWeights, MoEStats, MoEWeights, mlp_infos, moe, moe_infos
 from r1jax.model.rope import rope_angles
@@ -156,26 +156,17 @@ def unstack_layers(params: Params, experts: bool = False) -> Params:
     the matrix products themselves. The split happens once per call, outside the decode
     loop, and holds a second copy of the weights meanwhile.
     """
-    def split(tree, count):
-        return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(count))
-
-    def split_layers(stack):
-        if stack is None or isinstance(stack, tuple):
-            return stack
-        return split(stack, jax.tree.leaves(stack)[0].shape[0])
-
     def split_experts(layer: BlockWeights) -> BlockWeights:
         m = layer.mlp
-        if not experts or not isinstance(m, MoEWeights) or isinstance(m.gate, tuple):
+        if not experts or not isinstance(m, MoEWeights):
             return layer
-        e = m.gate.shape[0]
         return dataclasses.replace(layer, mlp=dataclasses.replace(
-            m, gate=split(m.gate, e), up=split(m.up, e), down=split(m.down, e)))
+            m, gate=split_stack(m.gate), up=split_stack(m.up), down=split_stack(m.down)))
 
-    moe_layers = split_layers(params.moe_layers)
+    moe_layers = split_stack(params.moe_layers)
     if moe_layers is not None:
         moe_layers = tuple(split_experts(layer) for layer in moe_layers)
-    return dataclasses.replace(params, dense_layers=split_layers(params.dense_layers),
+    return dataclasses.replace(params, dense_layers=split_stack(params.dense_layers),
                                moe_layers=moe_layers)
 
 
@@ -183,19 +174,16 @@ def _run_layers(layers: tuple, h, cos, sin, mask, cfg, cache, start, experts_lbt
                 return_hidden, mesh_rules, token_mask=None):
     """`_run_stack` over a tuple of unstacked layers (see `unstack_layers`); the cache may
     be stacked [l, ...] or a tuple of per-layer caches, and is returned as a tuple."""
+    in_caches = split_stack(cache) if cache is not None else (None,) * len(layers)
     caches, all_stats, hidden = [], [], []
-    for i, w in enumerate(layers):
-        layer_cache = None
-        if cache is not None:
-            layer_cache = cache[i] if isinstance(cache, tuple) else jax.tree.map(lambda a: a[i], cache)
+    for i, (w, layer_cache) in enumerate(zip(layers, in_caches)):
         experts = None if experts_lbtk is None else experts_lbtk[i]
         h, layer_cache, stats = block(w, h, cos, sin, mask, cfg, layer_cache, start, experts,
                                       mesh_rules, token_mask)
         caches.append(layer_cache)
         all_stats.append(stats)
         hidden.append(h)
-    stack = lambda items: jax.tree.map(lambda *a: jnp.stack(a), *items)  # noqa: E731
-    stats = None if all_stats[0] is None else stack(all_stats)
+    stats = None if all_stats[0] is None else join_stack(all_stats)
     return h, (tuple(caches) if cache is not None else None, stats,
                jnp.stack(hidden) if return_hidden else None)
 
@@ -206,7 +194,7 @@ def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, expert
         return _run_layers(stack, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
                            return_hidden, mesh_rules, token_mask)
     if isinstance(cache, tuple):
-        cache = jax.tree.map(lambda *a: jnp.stack(a), *cache)
+        cache = join_stack(cache)
 
     def body(h, xs):
         w, layer_cache, experts = xs
@@ -217,6 +205,11 @@ def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, expert
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     return jax.lax.scan(body, h, (stack, cache, experts_lbtk))
+
+
+def output_head(params: Params, h_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm and output head: last hidden state [..., d] -> float32 logits [..., v]."""
+    return unembed(rms_norm(h_btd, params.final_norm, cfg.rms_norm_eps), params.lm_head, params.embed)
 
 
 def default_positions(tokens_bt: jax.Array, segment_ids_bt: Optional[jax.Array]) -> jax.Array:
@@ -293,10 +286,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
         aux["hidden"] = jnp.concatenate(hidden, axis=0)
     h_final = h
     h_head = h if logits_at is None else jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
-    logits = None
-    if return_logits:
-        logits = unembed(rms_norm(h_head, params.final_norm, cfg.rms_norm_eps), params.lm_head,
-                         params.embed)
+    logits = output_head(params, h_head, cfg) if return_logits else None
 
     mtp_logits = None
     if params.mtp is not None and with_mtp and cache is None:

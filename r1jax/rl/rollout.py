@@ -26,8 +26,7 @@ from r1jax.configs import ModelConfig
 from r1jax.data.padding import tokenize_prompts
 from r1jax.losses import entropy as token_entropy
 from r1jax.losses import token_logprobs
-from r1jax.model.layers import rms_norm, unembed
-from r1jax.model.transformer import Params, forward
+from r1jax.model.transformer import Params, forward, output_head
 from r1jax.rl import grpo
 from r1jax.sampling import FINISHED_LENGTH, Samples, SamplingConfig, sample, validate
 from r1jax.sharding import (MeshRules, batch_sharding, global_batch, local_rows, process_rows,
@@ -259,8 +258,7 @@ def head_logprobs(params: Params, h_ntd: jax.Array, targets_nt: jax.Array, cfg: 
 
     @jax.checkpoint
     def one(h_nsd, targets_ns):
-        logits = unembed(rms_norm(h_nsd, params.final_norm, cfg.rms_norm_eps), params.lm_head,
-                         params.embed)
+        logits = output_head(params, h_nsd, cfg)
         logp = token_logprobs(logits, targets_ns, temperature)
         ent = token_entropy(logits, temperature) if with_entropy else jnp.zeros_like(logp)
         return logp, ent
