@@ -26,7 +26,6 @@ script is about the multi-process mechanics, not about rewards.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import sys
@@ -82,9 +81,7 @@ def run(mesh_spec: str, steps: int, devices=None, checkpoint_dir=None) -> dict:
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     abstract_opt = jax.eval_shape(optimizer.init, params)
     shardings = training.state_shardings(optimizer, abstract_opt, param_shardings, mesh_rules)
-    # built inside jit so that the step counter and key are global (replicated) arrays too
-    state = jax.jit(functools.partial(training.init_train_state, optimizer=optimizer,
-                                      key=jax.random.key(1)), out_shardings=shardings)(params)
+    state = training.init_train_state(params, optimizer, jax.random.key(1))
     step = make_train_step(cfg, GCFG, optimizer, mesh_rules=mesh_rules, state_shardings=shardings)
     checksum = jax.jit(lambda p: sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                                      for x in jax.tree.leaves(p)))

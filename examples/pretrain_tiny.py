@@ -137,8 +137,8 @@ def pretrain(workdir: pathlib.Path, *, model: str = "moe", steps: int = 1500, ba
     tokenizer = CharTokenizer()
     cfg = toy_config(model, tokenizer.vocab_size, seq_len)
     optimizer = training.make_optimizer(training_schedule(learning_rate, steps), weight_decay=0.01)
-    state = wd.init_train_state(r1jax.init_params(jax.random.key(seed), cfg, mesh=mesh),
-                                optimizer, seed + 1, mesh_rules)
+    state = training.init_train_state(r1jax.init_params(jax.random.key(seed), cfg, mesh=mesh),
+                                      optimizer, jax.random.key(seed + 1))
     handle = ckpt.open_checkpoints(workdir / "checkpoints", max_to_keep=2,
                                    save_interval_steps=checkpoint_every)
     start = 0

@@ -164,7 +164,7 @@ def run(args) -> dict:
         getattr(grpo, args.preset)(), num_generations=args.num_generations,
         learning_rate=args.learning_rate, beta=args.beta, max_completion_length=args.max_new_tokens)
     optimizer = training.make_optimizer(args.learning_rate, max_grad_norm=1.0)
-    state = wd.init_train_state(base_params, optimizer, args.seed, mesh_rules)
+    state = training.init_train_state(base_params, optimizer, jax.random.key(args.seed))
     # the train step donates the state's buffers, so the reference model keeps its own copy
     ref_params = jax.tree.map(jnp.copy, base_params) if gcfg.beta > 0 else None
     handle = ckpt.open_checkpoints(workdir / "checkpoints", max_to_keep=2,

@@ -63,29 +63,6 @@ def main_process_first(fn: Callable[[], T], name: str) -> T:
     return result if is_main_process() else fn()
 
 
-def init_train_state(params, optimizer, seed: int, mesh_rules=None):
-    """`training.init_train_state(params, optimizer, jax.random.key(seed))`; in a
-    multi-process run built inside `jit` with the state's shardings
-    (`training.state_shardings`), so the step counter and the key are global (replicated)
-    arrays like the parameters (`device_put` cannot place a key across processes)."""
-    import functools
-
-    import jax
-
-    from r1jax import training
-
-    if jax.process_count() == 1:
-        return training.init_train_state(params, optimizer, jax.random.key(seed))
-    if mesh_rules is None:
-        raise ValueError("init_train_state: a multi-process run needs mesh_rules (a mesh over "
-                         "all processes' devices)")
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    shardings = training.state_shardings(optimizer, jax.eval_shape(optimizer.init, params),
-                                         param_shardings, mesh_rules)
-    build = functools.partial(training.init_train_state, optimizer=optimizer)
-    return jax.jit(lambda p: build(p, key=jax.random.key(seed)), out_shardings=shardings)(params)
-
-
 class MetricsFile:
     """Appends one JSON object per line; `read()` returns them (for plots and resume).
 

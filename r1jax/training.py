@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from r1jax.configs import ModelConfig
@@ -53,22 +54,25 @@ def make_optimizer(learning_rate, weight_decay: float = 0.0, max_grad_norm: Opti
 
 
 def init_train_state(params: Params, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """A fresh state around `params`. The counter and key are placed like the parameters
-    (replicated on their mesh), so the jitted step compiles once, not again on step 2."""
+    """A fresh state around `params` (kept as they are), placed as the jitted step's outputs
+    will be, so step 2 reuses step 1's executable. One device: everything committed to it.
+    On a mesh: optimizer moments like their parameters, counters and the key replicated,
+    built inside `jit` (`device_put` cannot place a key across processes)."""
     leaf = jax.tree.leaves(params)[0]
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
-        # one device: commit everything to it, as the jitted step's outputs will be;
-        # uncommitted inputs on step 1 would make step 2 compile again
         device = sharding if sharding is not None else jax.devices()[0]
         state = TrainState(params=params, opt_state=optimizer.init(params),
                            step=jnp.zeros((), jnp.int32), key=key)
         return jax.device_put(state, device)
-    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    place = lambda x: jax.device_put(x, replicated)  # noqa: E731
-    opt_state = jax.tree.map(lambda x: place(x) if x.ndim == 0 else x, optimizer.init(params))
-    return TrainState(params=params, opt_state=opt_state,
-                      step=place(jnp.zeros((), jnp.int32)), key=place(key))
+    shardings = state_shardings(optimizer, jax.eval_shape(optimizer.init, params),
+                                jax.tree.map(lambda x: x.sharding, params), MeshRules(sharding.mesh))
+    key_data, impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
+    opt_state, step, key = jax.jit(
+        lambda p: (optimizer.init(p), jnp.zeros((), jnp.int32),
+                   jax.random.wrap_key_data(key_data, impl=impl)),
+        out_shardings=(shardings.opt_state, shardings.step, shardings.key))(params)
+    return TrainState(params=params, opt_state=opt_state, step=step, key=key)
 
 
 def state_shardings(optimizer: optax.GradientTransformation, opt_state, param_shardings: Params,

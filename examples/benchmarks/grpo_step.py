@@ -163,10 +163,6 @@ def run_r1jax(cfg, params, prompts: np.ndarray, args) -> dict:
     # the train step donates the state's buffers, so the reference model keeps its own copy
     ref_params = jax.tree.map(jnp.copy, params) if gcfg.beta > 0 else None
     state = training.init_train_state(params, optimizer, jax.random.key(args.seed))
-    # commit every array to the device: the step's outputs are committed, and uncommitted
-    # inputs (what init_params / init_train_state give without a mesh) would make the
-    # sampler and the step compile a second time on step 2
-    state = jax.device_put(state, jax.devices()[0])
     train_step = make_train_step(cfg, gcfg, optimizer)
     scfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=gcfg.temperature,
                           return_logprobs=False)
