@@ -45,7 +45,7 @@ class SamplingConfig:
     pad_id: written after a row has stopped.
     record_experts: return the MoE experts each position was routed to (routing replay).
     unroll_layers: decode with the layer stacks split into per-layer weights, and on one
-      device the routed experts of models with up to 64 into per-expert weights (see
+      device the routed experts of models with up to 64 laid side by side (see
       `transformer.unstack_layers`): faster where XLA copies weights out of their stack
       on every step (CPU), at the cost of a second copy of the weights during the call
       (pass params already split by `unstack_layers` to avoid it). None = on for the
@@ -247,7 +247,7 @@ UNROLL_MAX_EXPERTS = 64  # more experts than this stay stacked (program size, an
 
 def _decode_layout(params, cache, cfg, scfg, mesh_rules):
     """Per-layer weights and caches for the decode loop when `scfg.unroll_layers` says so;
-    per-expert weights too on one device with up to UNROLL_MAX_EXPERTS experts."""
+    wide experts too on one device with up to UNROLL_MAX_EXPERTS experts."""
     unroll = scfg.unroll_layers
     if unroll is None:
         unroll = jax.default_backend() == "cpu"

@@ -185,6 +185,20 @@ def test_dispatch_equals_dense_reference(assign, block):
         np.testing.assert_array_equal(load_r, load)
 
 
+@pytest.mark.parametrize("assign", ["random", "some_empty", "two_experts"])
+def test_wide_experts_equal_dense_reference(assign):
+    """The decode layout: experts side by side, every expert over every token."""
+    c = _case(n=5, k=2, e=8, d=16, f=24, assign=assign)
+    wide = moe.widen_experts(c["gate"], c["up"], c["down"])
+    assert wide.gate_up.shape == (16, 8 * 2 * 24) and wide.down.shape == (8 * 24, 16)
+    for back, orig in zip(moe.narrow_experts(wide, 8), (c["gate"], c["up"], c["down"])):
+        np.testing.assert_array_equal(back, orig)
+    got, load = jax.jit(moe.expert_ffn_wide, static_argnums=4)(c["x"], c["experts"], c["weights"], wide, 8)
+    want = _np_reference(c["x"], c["experts"], c["weights"], c["gate"], c["up"], c["down"])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(load, np.bincount(np.asarray(c["experts"]).ravel(), minlength=8))
+
+
 def test_blocks_dispatch_gradients_equal_dense_reference():
     c = _case(n=21, k=2, e=8, d=16, f=24, assign="some_empty", seed=1)
     names = ("x", "weights", "gate", "up", "down")

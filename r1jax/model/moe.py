@@ -10,8 +10,8 @@ the (token, expert) pairs are sorted by expert and padded per expert to a multip
 block of rows; a loop over the occupied blocks multiplies each by its expert's weights
 (`moe_matmul='blocks'`). `moe_matmul='ragged_dot'` uses `jax.lax.ragged_dot` instead,
 which is a grouped matmul on TPU but is lowered densely (all experts) on CPU and GPU.
-Weights split into per-expert tuples (`transformer.unstack_layers(..., experts=True)`, the
-sampler's decode layout on CPU) run `expert_ffn_unrolled` for a few tokens.
+Experts laid side by side (`WideExperts`, from `transformer.unstack_layers(...,
+experts=True)`, the sampler's decode layout on CPU) run `expert_ffn_wide` for a few tokens.
 """
 from __future__ import annotations
 
@@ -418,23 +418,49 @@ def expert_ffn_ragged(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
     return jnp.zeros((n, x_nd.shape[1]), dt).at[token].add(y), sizes
 
 
-UNROLLED_MAX_TOKENS = 64  # above this, per-expert weights are stacked again for `blocks`
+UNROLLED_MAX_TOKENS = 64  # above this, wide experts are stacked again for `blocks`
 
 
-def expert_ffn_unrolled(x_nd, experts_nk, weights_nk, gate_e, up_e, down_e):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class WideExperts:
+    """Routed experts side by side, the decode layout of `transformer.unstack_layers(...,
+    experts=True)`: each projection of all experts is one matrix."""
+    gate_up: jax.Array  # [d, e * 2 * f]: expert j's f gate columns, then its f up columns
+    down: jax.Array  # [e * f, d]
+
+
+
+def widen_experts(gate_edf: jax.Array, up_edf: jax.Array, down_efd: jax.Array) -> WideExperts:
+    """Stacked experts -> `WideExperts` (one copy of the expert weights)."""
+    e, d, f = gate_edf.shape
+    gate_up = jnp.stack([gate_edf, up_edf], axis=1)  # [e, 2, d, f]
+    return WideExperts(gate_up.transpose(2, 0, 1, 3).reshape(d, e * 2 * f), down_efd.reshape(e * f, -1))
+
+
+def narrow_experts(wide: WideExperts, e: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`WideExperts` -> stacked (gate [e, d, f], up [e, d, f], down [e, f, d])."""
+    d = wide.gate_up.shape[0]
+    f = wide.down.shape[0] // e
+    gate_up = wide.gate_up.reshape(d, e, 2, f).transpose(1, 2, 0, 3)
+    return gate_up[:, 0], gate_up[:, 1], wide.down.reshape(e, f, d)
+
+
+def expert_ffn_wide(x_nd, experts_nk, weights_nk, wide: WideExperts, e: int):
     """SwiGLU of every expert over all n tokens, each weighted by the token's gate weight
-    for that expert (0 where not chosen); gate_e, up_e, down_e are tuples of per-expert
-    matrices. e / k times the FLOPs of the grouped matmul, but no sorting, padding, loop
-    or copies of expert weights out of a stack: for a decode step's few tokens, whose
-    matmuls are bound by reading the weights, about 1.6x faster than `blocks` on CPU."""
+    for that expert (0 where not chosen), as two matrix products over `WideExperts`.
+    e / k times the FLOPs of the grouped matmul, but for a decode step's few tokens the
+    products are bound by reading the weights, which every expert needs anyway once a
+    handful of tokens pick k of e; two wide products stream them about 2x faster on CPU
+    than 3e small ones, and much faster than sorting and padding into blocks."""
     n, d = x_nd.shape
-    e = len(gate_e)
+    f = wide.down.shape[0] // e
     combine_ne = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], experts_nk].add(weights_nk)
-    y = jnp.zeros((n, d), jnp.float32)
-    for j in range(e):
-        y = y + swiglu(x_nd, gate_e[j], up_e[j], down_e[j]).astype(jnp.float32) * combine_ne[:, j:j + 1]
+    h = jnp.dot(x_nd, wide.gate_up.astype(x_nd.dtype)).reshape(n, e, 2, f)
+    act = jax.nn.silu(h[:, :, 0]) * h[:, :, 1] * combine_ne[:, :, None].astype(x_nd.dtype)
+    y = jnp.dot(act.reshape(n, e * f), wide.down.astype(x_nd.dtype))
     load = jnp.bincount(experts_nk.reshape(-1), length=e).astype(jnp.int32)
-    return y.astype(x_nd.dtype), load
+    return y, load
 
 
 def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
@@ -453,12 +479,13 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     x_nd = x_btd.reshape(b * t, d)
     replay = None if experts_btk is None else experts_btk.reshape(b * t, -1)
     experts, weights, scores = route(x_nd, w, cfg, replay)
-    per_expert = isinstance(w.gate, tuple)  # split by `transformer.unstack_layers`
-    if per_expert and b * t > UNROLLED_MAX_TOKENS:
-        w = dataclasses.replace(w, gate=jnp.stack(w.gate), up=jnp.stack(w.up), down=jnp.stack(w.down))
-        per_expert = False
-    if per_expert:
-        y, load = expert_ffn_unrolled(x_nd, experts, weights, w.gate, w.up, w.down)
+    wide = isinstance(w.gate, WideExperts)  # from `transformer.unstack_layers`
+    if wide and b * t > UNROLLED_MAX_TOKENS:
+        gate, up, down = narrow_experts(w.gate, cfg.n_routed_experts)
+        w = dataclasses.replace(w, gate=gate, up=up, down=down)
+        wide = False
+    if wide:
+        y, load = expert_ffn_wide(x_nd, experts, weights, w.gate, cfg.n_routed_experts)
     elif expert_parallel.enabled(cfg, mesh_rules):
         y = expert_parallel.routed_experts(x_nd, experts, weights, w, cfg, mesh_rules)
         load = jnp.bincount(experts.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)

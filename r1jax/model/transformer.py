@@ -20,7 +20,8 @@ from r1jax.model import attention as attn
 from r1jax.model import mtp as mtp_lib
 from r1jax.model.cache import KVCache, LayerCache, join_stack, split_stack
 from r1jax.model.layers import embed, rms_norm, swiglu, unembed
-from r1jax.model.moe import MLPWeights, MoEStats, MoEWeights, mlp_infos, moe, moe_infos
+from r1jax.model.moe import (MLPWeights, MoEStats, MoEWeights, mlp_infos, moe, moe_infos,
+                             widen_experts)
 from r1jax.model.rope import rope_angles
 from r1jax.sharding import ArrayInfo, MeshRules, constrain, normal_init, ones_init
 
@@ -146,22 +147,23 @@ def block(w: BlockWeights, h_btd, cos, sin, mask_bts, cfg: ModelConfig,
 
 def unstack_layers(params: Params, experts: bool = False) -> Params:
     """The same parameters with each layer stack [l, ...] split into a tuple of l layers,
-    and with `experts=True` each MoE layer's routed experts [e, ...] into tuples of e.
+    and with `experts=True` each MoE layer's routed experts laid side by side
+    (`moe.WideExperts`).
 
     `forward` runs a tuple of layers as an unrolled Python loop instead of `lax.scan`,
-    and per-expert weights through `moe.expert_ffn_unrolled` (for up to
-    `moe.UNROLLED_MAX_TOKENS` tokens). The sampler decodes this way on CPU: there XLA
-    copies every layer's (and every expert block's) weights out of their stack on each
-    loop iteration (a dynamic slice), which in a memory-bound decode step costs more than
-    the matrix products themselves. The split happens once per call, outside the decode
-    loop, and holds a second copy of the weights meanwhile.
+    and wide experts through `moe.expert_ffn_wide` (for up to `moe.UNROLLED_MAX_TOKENS`
+    tokens). The sampler decodes this way on CPU: there XLA copies every layer's (and every
+    expert block's) weights out of their stack on each loop iteration (a dynamic slice),
+    which in a memory-bound decode step costs more than the matrix products themselves.
+    The split happens once per call, outside the decode loop, and holds a second copy of
+    the weights meanwhile.
     """
     def split_experts(layer: BlockWeights) -> BlockWeights:
         m = layer.mlp
         if not experts or not isinstance(m, MoEWeights):
             return layer
         return dataclasses.replace(layer, mlp=dataclasses.replace(
-            m, gate=split_stack(m.gate), up=split_stack(m.up), down=split_stack(m.down)))
+            m, gate=widen_experts(m.gate, m.up, m.down), up=None, down=None))
 
     moe_layers = split_stack(params.moe_layers)
     if moe_layers is not None:
