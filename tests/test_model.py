@@ -159,6 +159,31 @@ def test_cached_decode_equals_full_forward(model):
     assert err < 1e-5, f"{name}: cached decode differs from the full forward by {err:.3g}"
 
 
+def test_causal_chunks_equal_cached_decode(model, monkeypatch):
+    """Without a cache, attention runs over chunks of query rows, each scoring only the
+    keys up to its last row. With chunks of 5 rows (13 = 5 + 5 + 3; a shape of its own,
+    so nothing compiled before is reused), the full forward equals a token-by-token
+    decode through the cache, which scores every slot, and packed segments still see
+    only themselves."""
+    name, cfg, params = model
+    monkeypatch.setattr(attention, "CAUSAL_CHUNK_ROWS", 5)
+    tokens = random_tokens(4, (B, 13))
+    full = r1jax.forward(params, tokens, cfg).logits
+    cache = r1jax.init_cache(cfg, B, 13)
+    steps = []
+    for i in range(13):
+        out = r1jax.forward(params, tokens[:, i:i + 1], cfg, cache=cache)
+        cache = out.cache
+        steps.append(out.logits)
+    err = max_abs_diff(jnp.concatenate(steps, axis=1), full)
+    assert err < 1e-5, f"{name}: chunked attention differs from cached decode by {err:.3g}"
+    segments = jnp.asarray([[1] * 7 + [2] * 6] * B)  # the second segment starts mid-chunk
+    packed = r1jax.forward(params, tokens, cfg, segment_ids=segments).logits
+    alone = r1jax.forward(params, tokens[:, 7:], cfg).logits
+    assert max_abs_diff(packed[:, 7:], alone) < 1e-5
+    assert max_abs_diff(packed[:, :7], full[:, :7]) < 1e-5
+
+
 def test_cache_stores_mla_latent_only():
     cfg, _ = _tiny_moe()
     cache = r1jax.init_cache(cfg, 3, 10)
