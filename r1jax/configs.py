@@ -111,6 +111,11 @@ class ModelConfig:
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"
     remat: bool = False  # recompute each block in the backward pass
+    # Without a cache (training, scoring), run the layer stacks as an unrolled loop rather
+    # than `lax.scan`: no per-layer residual stacking (XLA:CPU copies activations in and
+    # out of stacked buffers; 1.1x faster training steps there), more to compile.
+    # None: on for the CPU backend.
+    unroll_layers: Optional[bool] = None
 
     def __post_init__(self):
         _check(self.model_type in _ARCHITECTURES, "model_type", self.model_type,

@@ -172,32 +172,17 @@ def unstack_layers(params: Params, experts: bool = False) -> Params:
                                moe_layers=moe_layers)
 
 
-def _run_layers(layers: tuple, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
-                return_hidden, mesh_rules, token_mask=None):
-    """`_run_stack` over a tuple of unstacked layers (see `unstack_layers`); the cache may
-    be stacked [l, ...] or a tuple of per-layer caches, and is returned as a tuple."""
-    in_caches = split_stack(cache) if cache is not None else (None,) * len(layers)
-    caches, all_stats, hidden = [], [], []
-    for i, (w, layer_cache) in enumerate(zip(layers, in_caches)):
-        experts = None if experts_lbtk is None else experts_lbtk[i]
-        h, layer_cache, stats = block(w, h, cos, sin, mask, cfg, layer_cache, start, experts,
-                                      mesh_rules, token_mask)
-        caches.append(layer_cache)
-        all_stats.append(stats)
-        hidden.append(h)
-    stats = None if all_stats[0] is None else join_stack(all_stats)
-    return h, (tuple(caches) if cache is not None else None, stats,
-               jnp.stack(hidden) if return_hidden else None)
+def unrolls_layers(cfg: ModelConfig) -> bool:
+    """Whether `forward` without a cache runs layer stacks unrolled (`cfg.unroll_layers`)."""
+    return cfg.unroll_layers if cfg.unroll_layers is not None else jax.default_backend() == "cpu"
 
 
 def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
                return_hidden, mesh_rules, token_mask=None):
-    if isinstance(stack, tuple):
-        return _run_layers(stack, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
-                           return_hidden, mesh_rules, token_mask)
-    if isinstance(cache, tuple):
-        cache = join_stack(cache)
-
+    """The blocks of one layer kind: a `lax.scan` over the stack [l, ...], or an unrolled
+    loop over a tuple of layers (from `unstack_layers`) and, without a cache, when
+    `unrolls_layers(cfg)`. A cache may be stacked or a tuple of per-layer caches; the
+    unrolled loop returns a tuple."""
     def body(h, xs):
         w, layer_cache, experts = xs
         h, layer_cache, stats = block(w, h, cos, sin, mask, cfg, layer_cache, start, experts,
@@ -206,6 +191,19 @@ def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, expert
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    if isinstance(stack, tuple) or (cache is None and unrolls_layers(cfg)):
+        layers = split_stack(stack)
+        in_caches = split_stack(cache) if cache is not None else (None,) * len(layers)
+        outs = []
+        for i, (w, layer_cache) in enumerate(zip(layers, in_caches)):
+            h, out = body(h, (w, layer_cache, None if experts_lbtk is None else experts_lbtk[i]))
+            outs.append(out)
+        caches, stats, hidden = zip(*outs)
+        return h, (caches if cache is not None else None,
+                   None if stats[0] is None else join_stack(stats),
+                   jnp.stack(hidden) if return_hidden else None)
+    if isinstance(cache, tuple):
+        cache = join_stack(cache)
     return jax.lax.scan(body, h, (stack, cache, experts_lbtk))
 
 
