@@ -120,23 +120,46 @@ def test_assemble_batch_old_and_ref_logprobs(dense_params):
     groups = _hand_groups()
     tokens = rollout.assemble_batch(groups, CFG, grpo.GRPOConfig(num_generations=2, beta=0.0),
                                     params=None).tokens
-    expected = rollout.sequence_logprobs(dense_params, tokens, CFG)
-    assert expected.shape == (4, 6)
+    full = np.asarray(rollout.sequence_logprobs(dense_params, tokens, CFG))
+    assert full.shape == (4, 6)
 
     mu2 = rollout.assemble_batch(groups, CFG, grpo.GRPOConfig(num_generations=2, beta=0.0,
                                                               num_iterations=2),
                                  params=dense_params)
     assert mu2.ref_logp is None
-    np.testing.assert_array_equal(mu2.old_logp, expected)
+    # log-probs only over each row's completion window (N = 4 positions from its first
+    # target; the rest are 0), which holds every target
+    assert mu2.completion_width == groups.tokens.shape[1] == 4
+    window = np.zeros((4, 6), bool)
+    for r, pos in enumerate(np.asarray(mu2.logprob_positions())):
+        window[r, pos[pos < 6]] = True
+    assert np.all(window[np.asarray(mu2.mask) > 0]) and not window.all()
+    expected = np.where(window, full, 0.0)
+    np.testing.assert_allclose(mu2.old_logp, expected, atol=1e-6)
 
     with_kl = rollout.assemble_batch(groups, CFG, grpo.GRPOConfig(num_generations=2, beta=0.04),
                                      params=dense_params, ref_params=dense_params)
     assert with_kl.old_logp is None
-    np.testing.assert_array_equal(with_kl.ref_logp, expected)
+    np.testing.assert_allclose(with_kl.ref_logp, expected, atol=1e-6)
 
     with pytest.raises(ValueError, match=r"beta=0.04 > 0 needs ref_params"):
         rollout.assemble_batch(groups, CFG, grpo.GRPOConfig(num_generations=2, beta=0.04),
                                params=dense_params)
+
+
+def test_completion_window_gives_the_same_loss_and_gradients(dense_params):
+    """The GRPO loss over log-probs of the completion windows only equals the loss over
+    all positions, and so do its gradients."""
+    gcfg = grpo.GRPOConfig(num_generations=2, beta=0.04)
+    windowed = rollout.assemble_batch(_hand_groups(), CFG, gcfg, params=dense_params,
+                                      ref_params=dense_params)
+    everywhere = dataclasses.replace(windowed, completion_width=None)
+    grad = jax.jit(jax.value_and_grad(lambda p, b: train.grpo_loss(p, b, CFG, gcfg)[0]))
+    (loss_w, grads_w), (loss_e, grads_e) = grad(dense_params, windowed), grad(dense_params, everywhere)
+    np.testing.assert_allclose(loss_w, loss_e, rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(grads_w), jax.tree.leaves(grads_e)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads_e))
 
 
 def test_assemble_batch_passes_experts_only_with_routing_replay():

@@ -44,6 +44,10 @@ class RolloutBatch:
     truncated [n] bool (hit max_new_tokens without a stop token).
     old_logp, ref_logp [n, T-1] float32 or None (None: mu = 1 / beta = 0).
     experts [n, l_moe, T, k] int32 or None: routing to replay (-1: route afresh).
+    completion_width (static): N, the most completion tokens of a row, or None. With it,
+    log-probs are computed only over each row's N positions from its first target (the
+    prompt's positions need none): the output head, the costliest layer of a small
+    model, then runs on N of the T - 1 positions.
     """
 
     tokens: jax.Array
@@ -55,6 +59,14 @@ class RolloutBatch:
     old_logp: Optional[jax.Array] = None
     ref_logp: Optional[jax.Array] = None
     experts: Optional[jax.Array] = None
+    completion_width: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def logprob_positions(self) -> Optional[jax.Array]:
+        """[n, N] int32: the positions whose log-probs the loss reads (see above), or None."""
+        if self.completion_width is None:
+            return None
+        start = jnp.argmax(self.mask > 0, axis=1).astype(jnp.int32)
+        return start[:, None] + jnp.arange(self.completion_width, dtype=jnp.int32)
 
 
 @dataclasses.dataclass
@@ -223,18 +235,34 @@ def collect_groups(generate: Callable[[list, jax.Array], Groups], next_examples:
 
 def policy_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, temperature: float = 1.0,
                     experts: Optional[jax.Array] = None, mesh_rules: Optional[MeshRules] = None,
-                    with_entropy: bool = False, token_mask: Optional[jax.Array] = None):
+                    with_entropy: bool = False, token_mask: Optional[jax.Array] = None,
+                    positions: Optional[jax.Array] = None):
     """(log pi(token t+1 | tokens <= t) [n, T-1] float32, entropy [n, T-1] or None, aux).
 
     The trainer's log-probs; `experts` [n, l_moe, T, k] replays a recorded routing;
-    `token_mask` [n, T] marks real tokens (for the MoE load statistics).
+    `token_mask` [n, T] marks real tokens (for the MoE load statistics); `positions`
+    [n, W] int32, when given, are the only positions computed (the others are 0; indices
+    past T - 2 are ignored).
     """
     routing = None if experts is None else {"moe": jnp.moveaxis(experts, 0, 1)}
     out = forward(params, tokens_nT, cfg, routing=routing, with_mtp=False, token_mask=token_mask,
                   mesh_rules=mesh_rules, return_logits=False)
-    logp, ent = head_logprobs(params, out.aux["final_hidden"][:, :-1], tokens_nT[:, 1:], cfg,
-                              temperature, with_entropy)
-    return logp, ent, out.aux
+    h, targets = out.aux["final_hidden"][:, :-1], tokens_nT[:, 1:]
+    if positions is None:
+        logp, ent = head_logprobs(params, h, targets, cfg, temperature, with_entropy)
+        return logp, ent, out.aux
+    t = targets.shape[1]
+    valid = positions < t
+    index = jnp.minimum(positions, t - 1)
+    logp, ent = head_logprobs(params, jnp.take_along_axis(h, index[..., None], axis=1),
+                              jnp.take_along_axis(targets, index, axis=1), cfg, temperature,
+                              with_entropy)
+
+    def spread(values_nw):  # back to [n, T-1]; clipped duplicates add zeros
+        rows = jnp.arange(values_nw.shape[0])[:, None]
+        return jnp.zeros(targets.shape, values_nw.dtype).at[rows, index].add(jnp.where(valid, values_nw, 0))
+
+    return spread(logp), (spread(ent) if with_entropy else None), out.aux
 
 
 LOGPROB_CHUNK_TOKENS = 4096  # logits held at once by `head_logprobs`: rows x positions
@@ -276,9 +304,11 @@ def head_logprobs(params: Params, h_ntd: jax.Array, targets_nt: jax.Array, cfg: 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "temperature", "mesh_rules"))
 def sequence_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, temperature: float = 1.0,
-                      experts: Optional[jax.Array] = None, mesh_rules: Optional[MeshRules] = None):
+                      experts: Optional[jax.Array] = None, mesh_rules: Optional[MeshRules] = None,
+                      positions: Optional[jax.Array] = None):
     """Jitted `policy_logprobs` without entropy: [n, T-1] float32."""
-    return policy_logprobs(params, tokens_nT, cfg, temperature, experts, mesh_rules)[0]
+    return policy_logprobs(params, tokens_nT, cfg, temperature, experts, mesh_rules,
+                           positions=positions)[0]
 
 
 def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, *, params: Params,
@@ -313,16 +343,18 @@ def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, 
     experts = None
     if routing_replay and groups.experts is not None:
         experts = place(groups.experts[:, :, :t])
-    tokens_j = place(tokens)
-    old_logp = ref_logp = None
+    batch = RolloutBatch(
+        tokens=place(tokens), mask=place(completion_pos[:, 1:], jnp.float32),
+        advantages=place(advantages, jnp.float32), rewards=place(groups.rewards.reshape(-1)),
+        lengths=place(groups.lengths, jnp.int32), truncated=place(groups.truncated),
+        experts=experts, completion_width=groups.tokens.shape[1])
+    positions = batch.logprob_positions()
     if grpo_cfg.num_iterations > 1:
-        old_logp = sequence_logprobs(params, tokens_j, cfg, grpo_cfg.temperature, experts, mesh_rules)
+        batch.old_logp = sequence_logprobs(params, batch.tokens, cfg, grpo_cfg.temperature, experts,
+                                           mesh_rules, positions)
     if grpo_cfg.beta > 0:
         if ref_params is None:
             raise ValueError(f"GRPOConfig.beta={grpo_cfg.beta} > 0 needs ref_params")
-        ref_logp = sequence_logprobs(ref_params, tokens_j, cfg, grpo_cfg.temperature, None, mesh_rules)
-    return RolloutBatch(
-        tokens=tokens_j, mask=place(completion_pos[:, 1:], jnp.float32),
-        advantages=place(advantages, jnp.float32), rewards=place(groups.rewards.reshape(-1)),
-        lengths=place(groups.lengths, jnp.int32), truncated=place(groups.truncated),
-        old_logp=old_logp, ref_logp=ref_logp, experts=experts)
+        batch.ref_logp = sequence_logprobs(ref_params, batch.tokens, cfg, grpo_cfg.temperature, None,
+                                           mesh_rules, positions)
+    return batch

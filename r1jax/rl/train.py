@@ -31,7 +31,8 @@ def grpo_loss(params: Params, batch: RolloutBatch, cfg: ModelConfig, grpo_cfg: g
     last = jnp.max(jnp.arange(1, t) * (batch.mask > 0), axis=1)
     token_mask = jnp.arange(t)[None, :] <= last[:, None]
     logp, ent, aux = policy_logprobs(params, batch.tokens, cfg, grpo_cfg.temperature, batch.experts,
-                                     mesh_rules, with_entropy=True, token_mask=token_mask)
+                                     mesh_rules, with_entropy=True, token_mask=token_mask,
+                                     positions=batch.logprob_positions())
     old = batch.old_logp if batch.old_logp is not None else jax.lax.stop_gradient(logp)
     loss, metrics = grpo.policy_loss(logp, old, batch.ref_logp, batch.advantages, batch.mask,
                                      grpo_cfg, entropy=jax.lax.stop_gradient(ent))
