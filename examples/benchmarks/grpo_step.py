@@ -30,13 +30,15 @@ tokenizer is involved and both sides do identical work.
   reference model; its logits are first compared with `r1jax.forward` (max abs diff must be
   < 1e-3). Skipped with `--skip-peer` or when torch, transformers or trl cannot be imported.
 - The machine's limit, measured in the same run (`common.measure_limits`): P = FLOP/s of a
-  2048^3 float32 matmul in JAX. With b rows of T = prompt + new tokens, A = matmul
+  2048^3 float32 matmul in JAX. With b rows of T = prompt + N new tokens, A = matmul
   parameters used per token (sampling.py: every weight matrix but the embedding table, the
   output head counted in), L layers, att(s) = GQA attention FLOPs of one query over s keys
   in one layer, 4 * n_heads * head_dim * s:
       generation  F_gen = prefill + decode FLOPs (`sampling.generate_cost`: 2A per token
                   plus attention over the valid cache; the head once per row in prefill)
-      reference   F_ref = b * [T * 2A + L * sum_{i=1..T} att(i)]        (one forward)
+      reference   F_ref = b * [T * 2(A - H) + N * 2H + L * sum_{i=1..T} att(i)]   (one
+                  forward; H = output head parameters, needed at the N completion
+                  positions only, as r1jax and TRL both compute it)
       update      F_upd = 3 * F_ref                                      (forward + backward)
       floor = (F_gen + F_ref + F_upd) / P;  limit fraction = floor / measured step time.
   Each phase's floor and fraction is in the JSON too. The target of the open issue:
@@ -144,8 +146,8 @@ def step_flops(cfg, sizes, rows: int, prompt: int, new: int) -> dict:
     """FLOPs of each phase of one GRPO step (see the module docstring)."""
     gen = generate_cost(cfg, sizes, rows, prompt, new)
     t = prompt + new
-    per_token = 2 * gen["active_params_per_token"]  # active matrices + the output head
-    forward = rows * (t * per_token
+    body_per_token = 2 * (gen["active_params_per_token"] - sizes.head)
+    forward = rows * (t * body_per_token + new * 2 * sizes.head
                       + cfg.num_hidden_layers * attention_flops(cfg, np.arange(1, t + 1), decode=False))
     return {"generate": gen["flops"], "reference": forward, "update": 3 * forward,
             "total": gen["flops"] + 4 * forward, "params_per_token": gen["active_params_per_token"],
