@@ -111,8 +111,8 @@ def _in_causal_chunks(core, queries: list, keys: list, mask_bts: jax.Array, chun
     queries: arrays with the t axis at 1; keys: (array, index of its s axis) pairs. Without
     a cache the mask is causal by slot, so a chunk of rows ending at row j sees no key
     after slot j: it scores keys [0, j) only, about half the work of the whole square,
-    in score tensors small enough to stay in cache (training attention 2.3x faster on CPU
-    at t = 512).
+    in score tensors small enough to stay in cache (with gqa's head-major rows, attention
+    forward + backward 2.3x faster on CPU at t = 512).
     """
     if not chunked:
         return core(queries, [a for a, _ in keys], mask_bts)

@@ -418,7 +418,7 @@ def expert_ffn_ragged(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
     return jnp.zeros((n, x_nd.shape[1]), dt).at[token].add(y), sizes
 
 
-UNROLLED_MAX_TOKENS = 64  # above this, wide experts are stacked again for `blocks`
+WIDE_MAX_TOKENS = 64  # above this, wide experts are stacked again for `blocks`
 
 
 @jax.tree_util.register_dataclass
@@ -480,7 +480,7 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     replay = None if experts_btk is None else experts_btk.reshape(b * t, -1)
     experts, weights, scores = route(x_nd, w, cfg, replay)
     wide = isinstance(w.gate, WideExperts)  # from `transformer.unstack_layers`
-    if wide and b * t > UNROLLED_MAX_TOKENS:
+    if wide and b * t > WIDE_MAX_TOKENS:
         gate, up, down = narrow_experts(w.gate, cfg.n_routed_experts)
         w = dataclasses.replace(w, gate=gate, up=up, down=down)
         wide = False

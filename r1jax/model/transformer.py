@@ -151,7 +151,7 @@ def unstack_layers(params: Params, experts: bool = False) -> Params:
     (`moe.WideExperts`).
 
     `forward` runs a tuple of layers as an unrolled Python loop instead of `lax.scan`,
-    and wide experts through `moe.expert_ffn_wide` (for up to `moe.UNROLLED_MAX_TOKENS`
+    and wide experts through `moe.expert_ffn_wide` (for up to `moe.WIDE_MAX_TOKENS`
     tokens). The sampler decodes this way on CPU: there XLA copies every layer's (and every
     expert block's) weights out of their stack on each loop iteration (a dynamic slice),
     which in a memory-bound decode step costs more than the matrix products themselves.
