@@ -129,7 +129,9 @@ def _config(model: str, remat: Optional[bool]):
     count = transformer.param_count(cfg, with_mtp=True)
     if remat is None:
         remat = count > 1e9
-    return cfg.replace(remat=remat), count
+    # the accelerator's program: layers under lax.scan (XLA:CPU compiles the plan, and
+    # `forward` would otherwise unroll them as it does for CPU runs)
+    return cfg.replace(remat=remat, unroll_layers=False), count
 
 
 def _default_batch(mesh_spec: str, rules: str) -> int:

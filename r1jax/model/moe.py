@@ -430,7 +430,6 @@ class WideExperts:
     down: jax.Array  # [e * f, d]
 
 
-
 def widen_experts(gate_edf: jax.Array, up_edf: jax.Array, down_efd: jax.Array) -> WideExperts:
     """Stacked experts -> `WideExperts` (one copy of the expert weights)."""
     e, d, f = gate_edf.shape
