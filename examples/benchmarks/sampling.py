@@ -61,8 +61,9 @@ stop tokens, so every row generates every token.
   Then the same on a model whose MTP module was trained: the toy DeepSeek-V3-shaped base
   of the main example (`examples/pretrain_tiny.py`, pretrained into `--toy-workdir` on
   first use, about 5 minutes), on arithmetic prompts with its stop token, greedy and at
-  temperature 1, batch `--spec-batch-size` and 4x that. Tokens/s there count the tokens
-  actually generated (rows stop at their end-of-sequence token).
+  temperature 1, batch `--spec-batch-size` and 4x that (`--quick`: the first only).
+  Tokens/s there count the tokens actually generated (rows stop at their end-of-sequence
+  token).
 
 Prints one table and writes a JSON record (`--out`). Other work on the machine skews
 every number; the 1-minute load average before and after each measurement is in the JSON.
@@ -299,7 +300,7 @@ def measure_speculative_trained(args) -> dict:
                                                     quiet=True)
     out = {"model": "toy DeepSeek-V3-shaped base (examples/pretrain_tiny.py)", "params": r1jax.param_count(cfg),
            "pretrain_steps": args.toy_steps, "prompt_len": prompt_len, "new_tokens": new, "runs": []}
-    for batch in (args.spec_batch_size, 4 * args.spec_batch_size):
+    for batch in (args.spec_batch_size,) if args.quick else (args.spec_batch_size, 4 * args.spec_batch_size):
         prompts = [tokenizer.encode(templates.short_prompt(tasks.arithmetic_example(1, i)["question"]))
                    [:prompt_len] for i in range(batch)]
         tokens = np.zeros((batch, prompt_len), np.int32)
