@@ -172,17 +172,12 @@ def unstack_layers(params: Params, experts: bool = False) -> Params:
                                moe_layers=moe_layers)
 
 
-def unrolls_layers(cfg: ModelConfig) -> bool:
-    """Whether `forward` without a cache runs layer stacks unrolled (`cfg.unroll_layers`)."""
-    return cfg.unroll_layers if cfg.unroll_layers is not None else jax.default_backend() == "cpu"
-
-
 def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
                return_hidden, mesh_rules, token_mask=None):
     """The blocks of one layer kind: a `lax.scan` over the stack [l, ...], or an unrolled
     loop over a tuple of layers (from `unstack_layers`) and, without a cache, when
-    `unrolls_layers(cfg)`. A cache may be stacked or a tuple of per-layer caches; the
-    unrolled loop returns a tuple."""
+    `cfg.unroll_layers` says so (None: on the CPU backend). A cache may be stacked or a
+    tuple of per-layer caches; the unrolled loop returns a tuple."""
     def body(h, xs):
         w, layer_cache, experts = xs
         h, layer_cache, stats = block(w, h, cos, sin, mask, cfg, layer_cache, start, experts,
@@ -191,7 +186,8 @@ def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, expert
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    if isinstance(stack, tuple) or (cache is None and unrolls_layers(cfg)):
+    unroll = cfg.unroll_layers if cfg.unroll_layers is not None else jax.default_backend() == "cpu"
+    if isinstance(stack, tuple) or (cache is None and unroll):
         layers = split_stack(stack)
         in_caches = split_stack(cache) if cache is not None else (None,) * len(layers)
         outs = []
