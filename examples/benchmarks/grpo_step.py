@@ -45,7 +45,7 @@ tokenizer is involved and both sides do identical work.
   r1jax at least 2x faster than TRL's step.
 - Peak host memory: the RSS high-water mark of the process that ran the steps, read right
   after them (r1jax: this process, before the limits are measured; TRL: the child
-  process). It is VmHWM from /proc/self/status (`common.peak_rss_bytes`), the same number
+  process). It is VmHWM from /proc/self/status (`peak_rss.peak_rss_bytes`), the same number
   as `resource.getrusage(RUSAGE_SELF).ru_maxrss` except in a child process, where Linux
   carries the parent's high-water mark across fork + execve into ru_maxrss.
 
@@ -78,8 +78,9 @@ from r1jax.sampling import SamplingConfig
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402  (examples/benchmarks/common.py)
+from peak_rss import peak_rss_bytes  # noqa: E402
 from sampling import attention_flops, generate_cost, weight_sizes  # noqa: E402
-from trl_peer import even_token_reward  # noqa: E402  (imports numpy only)
+from trl_peer import even_token_reward  # noqa: E402  (imports numpy and peak_rss only)
 
 DEFAULT_OUT = os.path.join(HERE, "results", "grpo_step.json")
 MATCH_TOLERANCE = 1e-3
@@ -201,7 +202,7 @@ def run_r1jax(cfg, params, prompts: np.ndarray, args) -> dict:
     timed = steps[1:]
     median = {k: float(np.median([s[k] for s in timed])) for k in (*PHASES, "step_s")}
     return {"warmup": steps[0], "steps": timed, "median": median,
-            "peak_rss_bytes": common.peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
             "grpo_config": dataclasses.asdict(gcfg)}
 
 

@@ -30,7 +30,7 @@ forward + backward, clipping, optimizer step), and wrappers time the trainer's
 `_generate_single_turn` (generation), its `_get_per_token_logps_and_entropies` on the
 reference model (reference log-probs) and `_generate_and_score_completions` (the whole
 rollout); update = step - rollout. The JSON holds the median and all values of each, the
-logits check, and the process's peak RSS (VmHWM: see `peak_rss_bytes`).
+logits check, and the process's peak RSS (VmHWM: see `peak_rss.peak_rss_bytes`).
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from peak_rss import peak_rss_bytes
 
 
 def even_token_reward(ids) -> float:
@@ -64,20 +66,6 @@ def id_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
                                                 eos_token="<eos>", unk_token="<pad>")
-
-
-def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark (VmHWM of /proc/self/status, in bytes).
-    Not `getrusage(...).ru_maxrss`: in a child process that also counts the parent's peak
-    (Linux keeps the high-water mark across fork + execve)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def prompt_text(ids) -> str:
