@@ -13,6 +13,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
+MOE_MATMULS = ("auto", "blocks", "grouped", "ragged_dot")
 _ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
@@ -101,7 +102,9 @@ class ModelConfig:
     topk_method: str = "noaux_tc"  # 'noaux_tc' (V3), 'greedy' (V2-Lite), 'group_limited_greedy' (V2)
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 1e-4)
     moe_block_size: int = 0  # rows per block of the grouped matmul; 0: chosen from the shapes
-    moe_matmul: str = "blocks"  # 'blocks' (sorted, block-padded; sparse everywhere) or 'ragged_dot'
+    # expert products: 'blocks' (a loop over sorted, padded row blocks; CPU), 'grouped' (the
+    # same layout as grouped matmuls; Pallas kernels on GPU), 'ragged_dot' (TPU), 'auto'
+    moe_matmul: str = "auto"
     # Multi-token prediction
     num_nextn_predict_layers: int = 0
     # Tokens
@@ -157,8 +160,8 @@ class ModelConfig:
             _check(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
                    "first_k_dense_replace", self.first_k_dense_replace,
                    f"in 0..num_hidden_layers={self.num_hidden_layers}")
-            _check(self.moe_matmul in ("blocks", "ragged_dot"), "moe_matmul", self.moe_matmul,
-                   "'blocks' or 'ragged_dot'")
+            _check(self.moe_matmul in MOE_MATMULS, "moe_matmul", self.moe_matmul,
+                   f"one of {MOE_MATMULS}")
             if self.first_k_dense_replace:
                 _check(self.intermediate_size > 0, "intermediate_size", self.intermediate_size,
                        "> 0 when first_k_dense_replace > 0")

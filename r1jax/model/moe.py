@@ -8,8 +8,11 @@ unbiased scores of the chosen experts, renormalised, times `routed_scaling_facto
 Dispatch is dropless and its compute grows with tokens x top-k, not tokens x experts:
 the (token, expert) pairs are sorted by expert and padded per expert to a multiple of a
 block of rows; a loop over the occupied blocks multiplies each by its expert's weights
-(`moe_matmul='blocks'`). `moe_matmul='ragged_dot'` uses `jax.lax.ragged_dot` instead,
-which is a grouped matmul on TPU but is lowered densely (all experts) on CPU and GPU.
+(`moe_matmul='blocks'`, the CPU choice). `moe_matmul='grouped'` (the GPU choice) runs the
+same sorted, block-padded layout as three grouped matmuls over all blocks at once
+(`r1jax.model.grouped_matmul`: Pallas kernels through Triton on GPU, batched XLA matmuls
+elsewhere). `moe_matmul='ragged_dot'` uses `jax.lax.ragged_dot` (the TPU choice: a grouped
+matmul there, lowered densely over all experts on CPU and GPU). 'auto' picks by backend.
 Experts laid side by side (`WideExperts`, from `transformer.unstack_layers(...,
 experts=True)`, the sampler's decode layout on CPU) run `expert_ffn_wide` for a few tokens.
 """
@@ -26,6 +29,7 @@ from jax.extend import core as jax_core
 from jax.interpreters import ad, batching, mlir
 
 from r1jax.configs import ModelConfig
+from r1jax.model import grouped_matmul as gmm
 from r1jax.model.layers import swiglu
 from r1jax.sharding import ArrayInfo, fan_in_init, normal_init, zeros_init
 
@@ -404,6 +408,46 @@ def expert_ffn_blocks(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, 
     return y, sizes
 
 
+GROUPED_BLOCK_ROWS = 64  # rows per block of 'grouped' (a tensor-core tile; padding < 64 per expert)
+
+
+def expert_ffn_grouped(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, block: int,
+                       impl: str):
+    """The grouped SwiGLU as three grouped matmuls over every block at once: the pairs
+    sorted by expert and padded per expert to a multiple of `block` rows (`_block_layout`,
+    one block size), their tokens gathered into [blocks * block, d], the gate weights
+    applied before the down product, the rows scatter-added back to their tokens.
+    Differentiable through `grouped_matmul`'s VJP and the gathers; `impl`: see
+    `grouped_matmul.IMPLS`. Pairs with an expert id outside [0, e) are skipped."""
+    n, k = experts_nk.shape
+    dt = x_nd.dtype
+    sizes, ((expert, occupied, pad_pair),) = _block_layout(experts_nk, gate_edf.shape[0], (block,))
+    block_expert = jnp.where(occupied, expert, -1)
+    pair = pad_pair.reshape(-1)  # n * k on padding rows
+    token = pair // k  # n (out of range) on padding rows
+    x_md = x_nd.at[token].get(mode="fill", fill_value=0)
+    w_m = weights_nk.reshape(-1).astype(dt).at[pair].get(mode="fill", fill_value=0)
+    g = gmm.grouped_matmul(x_md, gate_edf.astype(dt), block_expert, impl)
+    u = gmm.grouped_matmul(x_md, up_edf.astype(dt), block_expert, impl)
+    h = jax.nn.silu(g) * u * w_m[:, None]
+    y_md = gmm.grouped_matmul(h, down_efd.astype(dt), block_expert, impl)
+    return jnp.zeros((n, x_nd.shape[1]), dt).at[token].add(y_md, mode="drop"), sizes
+
+
+def resolve_moe_matmul(cfg: ModelConfig, block_rows: int = GROUPED_BLOCK_ROWS) -> tuple[str, str]:
+    """(dispatch, grouped_matmul impl) that `cfg.moe_matmul` resolves to on the default
+    backend: 'auto' is 'grouped' with the Pallas kernels on GPU (their XLA reference where
+    the shapes don't suit them), 'ragged_dot' on TPU and 'blocks' on CPU."""
+    choice, backend = cfg.moe_matmul, jax.default_backend()
+    if choice == "auto":
+        choice = {"gpu": "grouped", "tpu": "ragged_dot"}.get(backend, "blocks")
+    impl = "xla"
+    if choice == "grouped" and backend == "gpu" and gmm.pallas_supported(
+            block_rows, cfg.hidden_size, cfg.moe_intermediate_size):
+        impl = "pallas"
+    return choice, impl
+
+
 def expert_ffn_ragged(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
     """The same grouped SwiGLU through `jax.lax.ragged_dot`."""
     n, k = experts_nk.shape
@@ -478,6 +522,8 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     x_nd = x_btd.reshape(b * t, d)
     replay = None if experts_btk is None else experts_btk.reshape(b * t, -1)
     experts, weights, scores = route(x_nd, w, cfg, replay)
+    grouped_rows = cfg.moe_block_size or GROUPED_BLOCK_ROWS
+    dispatch, impl = resolve_moe_matmul(cfg, grouped_rows)
     wide = isinstance(w.gate, WideExperts)  # from `transformer.unstack_layers`
     if wide and b * t > WIDE_MAX_TOKENS:
         gate, up, down = narrow_experts(w.gate, cfg.n_routed_experts)
@@ -488,8 +534,11 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     elif expert_parallel.enabled(cfg, mesh_rules):
         y = expert_parallel.routed_experts(x_nd, experts, weights, w, cfg, mesh_rules)
         load = jnp.bincount(experts.reshape(-1), length=cfg.n_routed_experts).astype(jnp.int32)
-    elif cfg.moe_matmul == "ragged_dot":
+    elif dispatch == "ragged_dot":
         y, load = expert_ffn_ragged(x_nd, experts, weights, w.gate, w.up, w.down)
+    elif dispatch == "grouped":
+        y, load = expert_ffn_grouped(x_nd, experts, weights, w.gate, w.up, w.down,
+                                     grouped_rows, impl)
     else:
         blk = cfg.moe_block_size or block_size(b * t * cfg.num_experts_per_tok, cfg.n_routed_experts)
         y, load = expert_ffn_blocks(x_nd, experts, weights, w.gate, w.up, w.down, blk)
