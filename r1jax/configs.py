@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_MATMULS = ("auto", "blocks", "grouped", "ragged_dot")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 _ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
@@ -119,6 +120,10 @@ class ModelConfig:
     # out of stacked buffers; 1.1x faster training steps there), more to compile.
     # None: on for the CPU backend.
     unroll_layers: Optional[bool] = None
+    # Attention over more than one query (training, scoring, prefill): 'xla' (einsums),
+    # 'cudnn' (`jax.nn.dot_product_attention`'s cuDNN flash attention; GPU, bf16/fp16),
+    # 'auto' ('cudnn' where the backend, dtype and head size allow it). Decode is XLA's.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         _check(self.model_type in _ARCHITECTURES, "model_type", self.model_type,
@@ -126,6 +131,8 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
         _check(self.dtype in _DTYPES, "dtype", self.dtype, f"one of {_DTYPES}")
+        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl", self.attention_impl,
+               f"one of {ATTENTION_IMPLS}")
         _check(self.param_dtype in _DTYPES, "param_dtype", self.param_dtype, f"one of {_DTYPES}")
         _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "> 0")
         if isinstance(self.eos_token_id, int):

@@ -184,6 +184,55 @@ def test_causal_chunks_equal_cached_decode(model, monkeypatch):
     assert max_abs_diff(packed[:, :7], full[:, :7]) < 1e-5
 
 
+def test_flash_attention_wiring_equals_einsum_path(model, monkeypatch):
+    """attention_impl='cudnn' hands queries, keys, values (MLA's padded to the key size),
+    the mask and the causal flag to `jax.nn.dot_product_attention`. Its cuDNN kernel needs
+    a GPU; here its XLA implementation stands in, so this checks the wiring: the same
+    logits and gradients as the einsum path without a cache, with packed segments, and
+    through a cache (prefills of 4 tokens at offsets 0, 4, 8; MLA then non-absorbed)."""
+    name, cfg, params = model
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def stand_in(*args, **kw):
+        calls.append(kw["implementation"])
+        return real(*args, **{**kw, "implementation": "xla"})
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    flash = cfg.replace(attention_impl="cudnn")
+    tokens = random_tokens(5, (B, 12))
+    segments = jnp.asarray([[1] * 6 + [2] * 6] * B)
+    for kw in ({"segment_ids": segments}, {}):
+        want, got = (r1jax.forward(params, tokens, c, **kw).logits for c in (cfg, flash))
+        assert max_abs_diff(got, want) < 1e-5, kw
+    assert calls and set(calls) == {"cudnn"}
+    cache = r1jax.init_cache(flash, B, 12)
+    steps = []
+    for lo in (0, 4, 8):
+        out = r1jax.forward(params, tokens[:, lo:lo + 4], flash, cache=cache)
+        cache = out.cache
+        steps.append(out.logits)
+    assert max_abs_diff(jnp.concatenate(steps, axis=1), want) < 1e-5
+
+    def loss(p, c):
+        return jnp.sum(jnp.sin(r1jax.forward(p, tokens, c, with_mtp=False).logits))
+
+    g_want, g_got = (jax.grad(loss)(params, c) for c in (cfg, flash))
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(a, b, atol=1e-6 * float(np.abs(b).max()) + 1e-6, rtol=1e-3)
+
+
+def test_flash_attention_choice():
+    cfg = r1jax.configs.tiny_dense(dtype="bfloat16")
+    assert not attention.flash_attention_applies(cfg, 64, 16, 16)  # 'auto' on CPU: XLA
+    forced = cfg.replace(attention_impl="cudnn")
+    assert attention.flash_attention_applies(forced, 64, 16, 16)
+    assert not attention.flash_attention_applies(forced, 64, 1, 16)  # decode stays XLA's
+    assert not attention.flash_attention_applies(forced, 64, 15, 15)  # odd: cuDNN's limit
+    with pytest.raises(ValueError, match="attention_impl"):
+        cfg.replace(attention_impl="flash")
+
+
 def test_cache_stores_mla_latent_only():
     cfg, _ = _tiny_moe()
     cache = r1jax.init_cache(cfg, 3, 10)

@@ -5,6 +5,10 @@ latent into per-head keys and values. The weight-absorbed one (decode) folds the
 up-projection into the query and applies the value up-projection after attention, so
 it attends directly over the cached latent (`kv_lora_rank + qk_rope_head_dim` values
 per token).
+
+Attention over several queries (training, scoring, prefill) runs as einsums in causal
+chunks of query rows (XLA; the CPU choice), or as cuDNN's flash attention through
+`jax.nn.dot_product_attention` (`ModelConfig.attention_impl`; the GPU choice in bf16).
 """
 from __future__ import annotations
 
@@ -105,6 +109,35 @@ CAUSAL_CHUNK_ROWS = 64  # query rows per chunk without a cache (at least; at mos
 CAUSAL_MAX_CHUNKS = 16  # this many chunks, to bound the program's size)
 
 
+def flash_attention_applies(cfg: ModelConfig, head_dim: int, t: int, s: int) -> bool:
+    """Whether attention of t queries over s keys runs as cuDNN flash attention: asked for
+    (`attention_impl='cudnn'`), or 'auto' on a GPU in bf16/fp16 with a head size cuDNN
+    takes (a multiple of 8, <= 128; <= 256 from Hopper on). Never for one query (decode,
+    memory-bound: XLA's), nor for odd lengths (cuDNN's masked backward needs even ones)."""
+    if cfg.attention_impl == "xla" or t == 1 or t % 2 or s % 2:
+        return False
+    if cfg.attention_impl == "cudnn":
+        return True
+    if jax.default_backend() != "gpu" or cfg.activation_dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    largest = 256 if float(capability) >= 9.0 else 128
+    return head_dim % 8 == 0 and head_dim <= largest
+
+
+def _flash_attention(q_btnh, k_bsmh, v_bsmo, mask_bts, scale: float, causal: bool):
+    """cuDNN flash attention: [b, t, n, o]. Values narrower than the keys (MLA) are padded
+    with zeros to the key size, which `jax.nn.dot_product_attention` requires; the mask
+    becomes cuDNN's additive bias, with `causal` letting it skip the masked-out tiles."""
+    o = v_bsmo.shape[-1]
+    pad = q_btnh.shape[-1] - o
+    if pad:
+        v_bsmo = jnp.pad(v_bsmo, ((0, 0), (0, 0), (0, 0), (0, pad)))
+    out = jax.nn.dot_product_attention(q_btnh, k_bsmh, v_bsmo, mask=mask_bts[:, None],
+                                       scale=scale, is_causal=causal, implementation="cudnn")
+    return out[..., :o]
+
+
 def _in_causal_chunks(core, queries: list, keys: list, mask_bts: jax.Array, chunked: bool):
     """`core(queries, keys, mask)` -> [b, t, ...], over chunks of query rows when `chunked`.
 
@@ -156,8 +189,10 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
         k_rope_bsr = cache.latent_rope[..., c:].astype(dt)
     else:
         latent_bsc, k_rope_bsr = latent_btc, k_rope_btr
+    t, s = x_btd.shape[1], latent_bsc.shape[1]
+    flash = flash_attention_applies(cfg, cfg.qk_head_dim, t, s)
     if absorbed is None:
-        absorbed = cache is not None
+        absorbed = cache is not None and not flash
 
     if absorbed:
         q_lat_btnc = jnp.einsum("btnh,cnh->btnc", q_nope, w.k_b.astype(dt))
@@ -175,7 +210,14 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
             return jnp.einsum("bnts,bsno->btno", probs, v_bsno)
 
         keys = [(linear(latent_bsc, w.k_b), 1), (k_rope_bsr, 1), (linear(latent_bsc, w.v_b), 1)]
-        out_btno = _in_causal_chunks(core, [q_nope, q_rope], keys, mask_bts, cache is None)
+        if flash:
+            (k_nope, _), (k_rope, _), (v_bsno, _) = keys
+            k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
+            out_btno = _flash_attention(jnp.concatenate([q_nope, q_rope], -1),
+                                        jnp.concatenate([k_nope, k_rope], -1), v_bsno,
+                                        mask_bts, cfg.softmax_scale, cache is None)
+        else:
+            out_btno = _in_causal_chunks(core, [q_nope, q_rope], keys, mask_bts, cache is None)
     return linear(out_btno, w.o, in_axes=2), cache
 
 
@@ -192,13 +234,22 @@ def gqa(w: GQAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
         q, k, v = q + w.q_bias.astype(dt), k + w.k_bias.astype(dt), v + w.v_bias.astype(dt)
     q = apply_rope(q, cos, sin, interleaved=False)
     k = apply_rope(k, cos, sin, interleaved=False)
+    b, t, n, h = q.shape
+    s = t if cache is None else cache.k.shape[2]
+    flash = flash_attention_applies(cfg, h, t, s)
+    if flash and cache is None:
+        out = _flash_attention(q, k, v, mask_bts, cfg.softmax_scale, causal=True)
+        return linear(out, w.o, in_axes=2), None
     # keys and values head-major [b, m, s, h], the layout of the cache: the score and
     # output contractions then read them in place (no per-step transpose of the cache)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if cache is not None:
         cache = GQACache(write_rows(cache.k, k, start_b, axis=2), write_rows(cache.v, v, start_b, axis=2))
         k, v = cache.k.astype(dt), cache.v.astype(dt)
-    b, t, n, h = q.shape
+    if flash:  # a prefill: over the whole cache, its mask selecting the written slots
+        out = _flash_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask_bts,
+                               cfg.softmax_scale, causal=False)
+        return linear(out, w.o, in_axes=2), cache
     m = k.shape[1]
     q_btmgh = q.reshape(b, t, m, n // m, h)
     if t == 1:
