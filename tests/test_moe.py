@@ -536,11 +536,23 @@ def test_grouped_matmul_t_sums_each_experts_blocks():
         gmm.grouped_matmul(jnp.asarray(x[:-1]), jnp.zeros((e, 32, 48)), jnp.asarray(block_expert))
 
 
-def test_grouped_matmul_kernels_lower_to_triton():
+def test_grouped_matmul_kernels_lower_to_triton(monkeypatch):
     """The Pallas kernels (forward, and both products of the backward pass) lower for CUDA
-    through Triton, checked here without a GPU by exporting for the 'cuda' platform."""
+    to Triton modules that verify, checked here without a GPU by exporting for the 'cuda'
+    platform. (An unverified module only fails on the GPU: a select of integer literals
+    once lowered to booleans as a loop bound.)"""
     from jax import export
+    from jax._src.pallas.triton import lowering  # private: the module before serialisation
     from r1jax.model import grouped_matmul as gmm
+    verified = []
+    real_lower = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = real_lower(*args, **kwargs)
+        verified.append(result.module.operation.verify())
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
     x = jax.ShapeDtypeStruct((7 * 64, 128), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((4, 128, 96), jnp.bfloat16)
     block_expert = jax.ShapeDtypeStruct((7,), jnp.int32)
@@ -556,6 +568,7 @@ def test_grouped_matmul_kernels_lower_to_triton():
     kernels = [name for name in ("r1jax_grouped_matmul", "r1jax_grouped_matmul_t")
                if f'name = "{name}"' in text]
     assert text.count(f"@{triton}") == 3 and len(kernels) == 2, kernels
+    assert verified == [True] * 3
 
 
 def test_moe_matmul_resolves_by_backend(monkeypatch):

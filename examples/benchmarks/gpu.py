@@ -68,6 +68,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--large", default="qwen2_5_1_5b", help="the 1B-class preset ('' to skip)")
+    p.add_argument("--models", default="qwen2,deepseek",
+                   help="bench-small models of train and decode (default: %(default)s)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="train: skip the runs with the XLA choices ('xla' attention, 'blocks' MoE)")
     p.add_argument("--batch", type=int, default=64, help="decode batch size")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=480.0,
@@ -79,6 +83,7 @@ def parse_args(argv=None):
                         "(checks that the script runs, measures nothing)")
     args = p.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
+    args.models = [m for m in args.models.split(",") if m]
     if args.smoke:
         args.large, args.batch, args.repeats = "", 2, 1
         real = jax.nn.dot_product_attention
@@ -92,6 +97,10 @@ def pallas(args) -> str:
 
 def size(args, full: int, smoke: int) -> int:
     return smoke if args.smoke else full
+
+
+def bench_small(args, model: str) -> str:
+    return {"qwen2": "tiny_dense", "deepseek": "tiny_moe"}[model] if args.smoke else f"bench_small_{model}"
 
 
 START = time.perf_counter()
@@ -275,10 +284,14 @@ def moe(args, record):
 def train(args, record):
     out = {}
     peak = record["limits"]["bf16_matmul_flops"]
-    qwen2, deepseek = ("tiny_dense", "tiny_moe") if args.smoke else ("bench_small_qwen2", "bench_small_deepseek")
     b, t = size(args, 16, 2), size(args, 1024, 32)
-    runs = [(qwen2, {}, b, t), (qwen2, {"attention_impl": "xla"}, b, t), (deepseek, {}, b, t),
-            (deepseek, {"attention_impl": "xla", "moe_matmul": "blocks"}, b, t)]
+    baselines = {"qwen2": {"attention_impl": "xla"},
+                 "deepseek": {"attention_impl": "xla", "moe_matmul": "blocks"}}
+    runs = []
+    for model in args.models:
+        runs.append((bench_small(args, model), {}, b, t))
+        if not args.no_baselines:
+            runs.append((bench_small(args, model), baselines[model], b, t))
     if args.large:
         runs.append((args.large, {}, 8, 2048))
     for preset, overrides, batch, seq in runs:
@@ -311,8 +324,7 @@ def decode(args, record):
     out = {}
     bandwidth = record["limits"]["bandwidth_bytes"]
     scfg = SamplingConfig(max_new_tokens=128, temperature=1.0)
-    presets = ["tiny_dense", "tiny_moe"] if args.smoke else ["bench_small_qwen2", "bench_small_deepseek"]
-    presets += [args.large] if args.large else []
+    presets = [bench_small(args, model) for model in args.models] + ([args.large] if args.large else [])
     for preset in presets:
         if over_budget(args):
             out[preset] = {"skipped": "over --budget-s"}

@@ -72,7 +72,9 @@ def _gmm_kernel(expert_ref, x_ref, w_ref, y_ref, *, tile_k: int):
         w = w_ref[pl.ds(first_row + s * tile_k, tile_k), :]
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-    steps = jnp.where(expert >= 0, k // tile_k, 0)  # unused block: zeros, no work
+    # unused block: zeros, no work (arithmetic, not jnp.where: Pallas's Triton lowering
+    # turned a select of two integer literals into booleans)
+    steps = (expert >= 0).astype(jnp.int32) * (k // tile_k)
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(y_ref.shape, jnp.float32))
     y_ref[...] = acc.astype(y_ref.dtype)
 
