@@ -28,6 +28,9 @@ MESHES = {
         (("batch", "data"), ("embed", "fsdp"), ("experts", "expert")))),
     # remat=True: the chunks and blocks recompute in the backward pass (same values)
     "fsdp_ep_remat": ("fsdp=2,expert=4", shd.fsdp_ep_rules()),
+    # moe_matmul='grouped' (the GPU dispatch; XLA's grouped matmul here), hidden width
+    # over `tensor`
+    "fsdp_tp_ep_grouped": ("fsdp=2,tensor=2,expert=2", shd.default_rules()),
 }
 
 
@@ -67,7 +70,8 @@ def _layer_fn(mesh_name):
         spec, rules = MESHES[mesh_name]
         mesh_rules = r1jax.MeshRules(r1jax.make_mesh(spec), rules)
 
-    cfg = CFG.replace(remat=mesh_name is not None and mesh_name.endswith("_remat"))
+    cfg = CFG.replace(remat=mesh_name is not None and mesh_name.endswith("_remat"),
+                      moe_matmul="grouped" if mesh_name and mesh_name.endswith("_grouped") else "auto")
 
     def f(w, x, probe, experts):
         def loss(w, x):

@@ -7,7 +7,8 @@ experts run inside `shard_map`, where the collective pattern is the point:
 
 1. all-gather the tokens over the expert axis: every device of an expert group sees the
    group's ep * n tokens (x [n, d], the chosen expert ids [n, k] and gate weights [n, k]);
-2. each device runs the local grouped matmul (`moe.expert_ffn_blocks`) on the pairs routed
+2. each device runs the local grouped matmul (`moe.expert_ffn_blocks`, or on GPU
+   `moe.expert_ffn_grouped`: see `moe.resolve_moe_matmul`) on the pairs routed
    to *its* experts, one source device's n tokens at a time (a `lax.map` over the ep
    chunks): pairs owned elsewhere get an out-of-range id, which the block dispatch skips
    (no compute), and each token's outputs are summed over its local experts with the gate
@@ -116,6 +117,8 @@ def routed_experts(x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array
     chunks = _size(mesh_rules, gather_axes)
     # rows per local expert in one chunk, on average: n_local * k / E
     block = cfg.moe_block_size or moe_lib.block_size(n_local * k // chunks, e_local)
+    grouped_rows = cfg.moe_block_size or moe_lib.GROUPED_BLOCK_ROWS
+    dispatch, impl = moe_lib.resolve_moe_matmul(cfg, grouped_rows, f // _size(mesh_rules, mlp_axes))
 
     def local(x, experts, weights, gate, up, down):
         if gather_axes:
@@ -128,6 +131,8 @@ def routed_experts(x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array
         ids = jnp.where((ids >= 0) & (ids < e_local), ids, e_local)  # elsewhere: skipped
 
         def chunk(args):  # the tokens of one source device
+            if dispatch == "grouped":
+                return moe_lib.expert_ffn_grouped(*args, gate, up, down, grouped_rows, impl)[0]
             return moe_lib.expert_ffn_blocks(*args, gate, up, down, block)[0]
 
         if cfg.remat:  # the backward pass keeps each chunk's inputs and recomputes from

@@ -434,16 +434,18 @@ def expert_ffn_grouped(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd,
     return jnp.zeros((n, x_nd.shape[1]), dt).at[token].add(y_md, mode="drop"), sizes
 
 
-def resolve_moe_matmul(cfg: ModelConfig, block_rows: int = GROUPED_BLOCK_ROWS) -> tuple[str, str]:
+def resolve_moe_matmul(cfg: ModelConfig, block_rows: int = GROUPED_BLOCK_ROWS,
+                       intermediate: Optional[int] = None) -> tuple[str, str]:
     """(dispatch, grouped_matmul impl) that `cfg.moe_matmul` resolves to on the default
     backend: 'auto' is 'grouped' with the Pallas kernels on GPU (their XLA reference where
-    the shapes don't suit them), 'ragged_dot' on TPU and 'blocks' on CPU."""
+    the shapes don't suit them), 'ragged_dot' on TPU and 'blocks' on CPU. `intermediate`:
+    the experts' hidden width as the kernels see it (a shard of it under tensor parallelism)."""
     choice, backend = cfg.moe_matmul, jax.default_backend()
     if choice == "auto":
         choice = {"gpu": "grouped", "tpu": "ragged_dot"}.get(backend, "blocks")
     impl = "xla"
     if choice == "grouped" and backend == "gpu" and gmm.pallas_supported(
-            block_rows, cfg.hidden_size, cfg.moe_intermediate_size):
+            block_rows, cfg.hidden_size, intermediate or cfg.moe_intermediate_size):
         impl = "pallas"
     return choice, impl
 
@@ -512,8 +514,8 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
     """Routed experts + shared experts: [b, t, d] -> ([b, t, d], MoEStats).
 
     With a `mesh_rules` whose rules place `experts` on mesh axes of total size > 1, the
-    routed experts run expert-parallel (`r1jax.model.expert_parallel`, always with the
-    block dispatch, whatever `moe_matmul` says); routing and the shared experts stay in
+    routed experts run expert-parallel (`r1jax.model.expert_parallel`: the 'grouped'
+    dispatch where `moe_matmul` resolves to it, else the block loop); routing and the shared experts stay in
     the sharded-jit world either way. `token_mask_bt` marks real tokens: padding is left
     out of the expert loads and the balance loss."""
     from r1jax.model import expert_parallel  # imports this module
