@@ -49,3 +49,18 @@ def test_train_step_benchmark_quick(tmp_path):
     # tiny_moe: top-2 of 8 experts + 1 shared expert of 32 -> dense SwiGLU of 96
     assert moe["dense_hidden"] == (2 + 1) * 32
     assert moe["ratio"] == moe["moe"]["median_s"] / moe["dense"]["median_s"] > 0
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    """gpu.py measures only on a GPU; --smoke runs its code paths here (kernels
+    interpreted, tiny sizes) so that a scarce GPU session does not find a broken script."""
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(ROOT / "examples/benchmarks/gpu.py"), "--smoke",
+                    "--sections", "limits,moe,decode", "--models", "deepseek", "--out", str(out)],
+                   check=True, timeout=600, cwd=ROOT, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    moe = result["moe"]["tiny"]
+    for dispatch in ("blocks", "grouped_xla", "grouped_pallas", "ragged_dot"):
+        assert moe[dispatch]["median_s"] > 0, moe[dispatch]
+    assert result["moe"]["tiny_whole_layer"]["ratio"] > 0
+    assert result["decode"]["tiny_moe"]["new_tokens_per_s"] > 0
