@@ -57,7 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
 from sampling import generate_cost, weight_sizes  # noqa: E402
-from train_step import train_flops  # noqa: E402
+from train_step import timed, train_flops  # noqa: E402
 
 SECTIONS = ("limits", "checks", "moe", "train", "decode")
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu.json")
@@ -109,14 +109,6 @@ START = time.perf_counter()
 
 def over_budget(args) -> bool:
     return time.perf_counter() - START > args.budget_s
-
-
-def timed(fn, *args, repeats: int) -> dict:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    med, times = common.median_time(lambda: fn(*args), repeats)
-    return {"median_s": med, "times_s": times, "compile_and_first_s": first}
 
 
 def rel_err(got, want) -> float:
@@ -357,6 +349,10 @@ def decode(args, record):
     return out
 
 
+SECTION_FUNCTIONS = {"limits": limits, "checks": checks, "moe": moe, "train": train, "decode": decode}
+assert tuple(SECTION_FUNCTIONS) == SECTIONS
+
+
 def main(argv=None):
     args = parse_args(argv)
     record = {"benchmark": "gpu", "machine": common.machine(), "args": vars(args)}
@@ -369,8 +365,8 @@ def main(argv=None):
         start = time.perf_counter()
         print(f"== {name}", flush=True)
         try:
-            record[name] = globals()[name](args, record)
-        except Exception as exc:
+            record[name] = SECTION_FUNCTIONS[name](args, record)
+        except Exception:
             record[name] = {"error": traceback.format_exc()[-3000:]}
             print(record[name]["error"], flush=True)
         record[f"{name}_wall_s"] = time.perf_counter() - start
