@@ -47,7 +47,8 @@ def pallas_supported(block_rows: int, k: int, n: int) -> bool:
             and _tile(n, TILE_K) >= MIN_TILE)
 
 
-def _check(x, w_or_dy, block_expert, what: str):
+def _check(x, block_expert, what: str):
+    """Rows per block; x's rows must split evenly into block_expert's blocks."""
     m = x.shape[0]
     blocks = block_expert.shape[0]
     if m % blocks:
@@ -107,7 +108,7 @@ def _gmm_pallas(x, w, block_expert, interpret: bool):
     from jax.experimental import pallas as pl
 
     (m, k), (e, _, n) = x.shape, w.shape
-    block_rows = _check(x, w, block_expert, "grouped_matmul")
+    block_rows = _check(x, block_expert, "grouped_matmul")
     tile_n = _tile(n, TILE_N)
     return pl.pallas_call(
         functools.partial(_gmm_kernel, tile_k=_tile(k, TILE_K)),
@@ -127,7 +128,7 @@ def _tgmm_pallas(x, dy, block_expert, e: int, out_dtype, interpret: bool):
     from jax.experimental import pallas as pl
 
     (m, k), n = x.shape, dy.shape[1]
-    block_rows = _check(x, dy, block_expert, "grouped_matmul_t")
+    block_rows = _check(x, block_expert, "grouped_matmul_t")
     count = jnp.zeros((e + 1,), jnp.int32).at[jnp.where(block_expert >= 0, block_expert, e)].add(1)[:e]
     first = jnp.cumsum(count) - count
     tile_k, tile_n = _tile(k, TILE_K), _tile(n, TILE_K)
@@ -148,7 +149,7 @@ def _tgmm_pallas(x, dy, block_expert, e: int, out_dtype, interpret: bool):
 # The portable reference --------------------------------------------------------------------------
 
 def _gmm_xla(x, w, block_expert):
-    block_rows = _check(x, w, block_expert, "grouped_matmul")
+    block_rows = _check(x, block_expert, "grouped_matmul")
     blocks = block_expert.shape[0]
     w_bkn = w[jnp.maximum(block_expert, 0)].astype(x.dtype)
     y = jnp.einsum("bsk,bkn->bsn", x.reshape(blocks, block_rows, -1), w_bkn,
@@ -158,7 +159,7 @@ def _gmm_xla(x, w, block_expert):
 
 
 def _tgmm_xla(x, dy, block_expert, e: int, out_dtype):
-    block_rows = _check(x, dy, block_expert, "grouped_matmul_t")
+    block_rows = _check(x, block_expert, "grouped_matmul_t")
     blocks = block_expert.shape[0]
     per_block = jnp.einsum("bsk,bsn->bkn", x.reshape(blocks, block_rows, -1),
                            dy.reshape(blocks, block_rows, -1), preferred_element_type=jnp.float32)
