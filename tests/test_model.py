@@ -199,6 +199,7 @@ def test_flash_attention_wiring_equals_einsum_path(model, monkeypatch):
         return real(*args, **{**kw, "implementation": "xla"})
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    monkeypatch.setattr(attention, "FLASH_MIN_CACHED_QUERIES", 4)  # the prefills below
     flash = cfg.replace(attention_impl="cudnn")
     tokens = random_tokens(5, (B, 12))
     segments = jnp.asarray([[1] * 6 + [2] * 6] * B)
@@ -206,6 +207,7 @@ def test_flash_attention_wiring_equals_einsum_path(model, monkeypatch):
         want, got = (r1jax.forward(params, tokens, c, **kw).logits for c in (cfg, flash))
         assert max_abs_diff(got, want) < 1e-5, kw
     assert calls and set(calls) == {"cudnn"}
+    n_calls = len(calls)
     cache = r1jax.init_cache(flash, B, 12)
     steps = []
     for lo in (0, 4, 8):
@@ -213,6 +215,7 @@ def test_flash_attention_wiring_equals_einsum_path(model, monkeypatch):
         cache = out.cache
         steps.append(out.logits)
     assert max_abs_diff(jnp.concatenate(steps, axis=1), want) < 1e-5
+    assert len(calls) > n_calls  # the prefills went through it too (counted as traced)
 
     def loss(p, c):
         return jnp.sum(jnp.sin(r1jax.forward(p, tokens, c, with_mtp=False).logits))
@@ -229,6 +232,8 @@ def test_flash_attention_choice():
     assert attention.flash_attention_applies(forced, 64, 16, 16)
     assert not attention.flash_attention_applies(forced, 64, 1, 16)  # decode stays XLA's
     assert not attention.flash_attention_applies(forced, 64, 15, 15)  # odd: cuDNN's limit
+    assert not attention.flash_attention_applies(forced, 64, 2, 16, cached=True)  # verify step
+    assert attention.flash_attention_applies(forced, 64, 16, 64, cached=True)  # a prefill
     with pytest.raises(ValueError, match="attention_impl"):
         cfg.replace(attention_impl="flash")
 

@@ -109,12 +109,19 @@ CAUSAL_CHUNK_ROWS = 64  # query rows per chunk without a cache (at least; at mos
 CAUSAL_MAX_CHUNKS = 16  # this many chunks, to bound the program's size)
 
 
-def flash_attention_applies(cfg: ModelConfig, head_dim: int, t: int, s: int) -> bool:
+FLASH_MIN_CACHED_QUERIES = 16  # fewer new tokens through a cache: decode-like (see below)
+
+
+def flash_attention_applies(cfg: ModelConfig, head_dim: int, t: int, s: int,
+                            cached: bool = False) -> bool:
     """Whether attention of t queries over s keys runs as cuDNN flash attention: asked for
     (`attention_impl='cudnn'`), or 'auto' on a GPU in bf16/fp16 with a head size cuDNN
-    takes (a multiple of 8, <= 128; <= 256 from Hopper on). Never for one query (decode,
-    memory-bound: XLA's), nor for odd lengths (cuDNN's masked backward needs even ones)."""
-    if cfg.attention_impl == "xla" or t == 1 or t % 2 or s % 2:
+    takes (a multiple of 8, <= 128; <= 256 from Hopper on). Never for decode steps (one
+    query, or through a cache fewer than FLASH_MIN_CACHED_QUERIES, as speculative
+    verification: memory-bound, and MLA's absorbed path reads only the latent cache), nor
+    for odd lengths (cuDNN's masked backward needs even ones)."""
+    fewest = FLASH_MIN_CACHED_QUERIES if cached else 2
+    if cfg.attention_impl == "xla" or t < fewest or t % 2 or s % 2:
         return False
     if cfg.attention_impl == "cudnn":
         return True
@@ -190,7 +197,7 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
     else:
         latent_bsc, k_rope_bsr = latent_btc, k_rope_btr
     t, s = x_btd.shape[1], latent_bsc.shape[1]
-    flash = flash_attention_applies(cfg, cfg.qk_head_dim, t, s)
+    flash = flash_attention_applies(cfg, cfg.qk_head_dim, t, s, cached=cache is not None)
     if absorbed is None:
         absorbed = cache is not None and not flash
 
@@ -236,7 +243,7 @@ def gqa(w: GQAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
     k = apply_rope(k, cos, sin, interleaved=False)
     b, t, n, h = q.shape
     s = t if cache is None else cache.k.shape[2]
-    flash = flash_attention_applies(cfg, h, t, s)
+    flash = flash_attention_applies(cfg, h, t, s, cached=cache is not None)
     if flash and cache is None:
         out = _flash_attention(q, k, v, mask_bts, cfg.softmax_scale, causal=True)
         return linear(out, w.o, in_axes=2), None
