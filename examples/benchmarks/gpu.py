@@ -204,6 +204,18 @@ def checks(args, record):
     return out
 
 
+def fan_in_normal(key, shape) -> jax.Array:
+    """bf16 weights of unit-variance outputs: normal / sqrt(fan-in = shape[-2])."""
+    return (jax.random.normal(key, shape) * shape[-2] ** -0.5).astype(jnp.bfloat16)
+
+
+def swiglu_weights(key, d: int, hidden: int) -> list:
+    """gate [d, hidden], up [d, hidden], down [hidden, d] of a dense SwiGLU."""
+    keys = jax.random.split(key, 3)
+    return [fan_in_normal(keys[0], (d, hidden)), fan_in_normal(keys[1], (d, hidden)),
+            fan_in_normal(keys[2], (hidden, d))]
+
+
 def moe_case(cfg, tokens: int, seed: int):
     """Random routed inputs of one MoE layer of `cfg`: x, experts (top-k of random scores),
     weights, expert weights."""
@@ -214,9 +226,8 @@ def moe_case(cfg, tokens: int, seed: int):
     weights, experts = jax.lax.top_k(scores, k)
     return {"x": jax.random.normal(keys[1], (tokens, d), dt), "experts": experts.astype(jnp.int32),
             "weights": weights.astype(dt),
-            "gate": (jax.random.normal(keys[2], (e, d, f)) * d ** -0.5).astype(dt),
-            "up": (jax.random.normal(keys[3], (e, d, f)) * d ** -0.5).astype(dt),
-            "down": (jax.random.normal(keys[4], (e, f, d)) * f ** -0.5).astype(dt)}
+            "gate": fan_in_normal(keys[2], (e, d, f)), "up": fan_in_normal(keys[3], (e, d, f)),
+            "down": fan_in_normal(keys[4], (e, f, d))}
 
 
 def moe(args, record):
@@ -238,10 +249,7 @@ def moe(args, record):
             "grouped_pallas": lambda *a: moe_lib.expert_ffn_grouped(*a, 64, pallas(args)),
             "ragged_dot": moe_lib.expert_ffn_ragged,
         }
-        keys = jax.random.split(jax.random.key(4), 3)
-        dense_w = [(jax.random.normal(keys[0], (d, k * f)) * d ** -0.5).astype(jnp.bfloat16),
-                   (jax.random.normal(keys[1], (d, k * f)) * d ** -0.5).astype(jnp.bfloat16),
-                   (jax.random.normal(keys[2], (k * f, d)) * (k * f) ** -0.5).astype(jnp.bfloat16)]
+        dense_w = swiglu_weights(jax.random.key(4), d, k * f)
         flops = 3 * 2 * 3 * tokens * d * k * f
         row = {"tokens": tokens, "d": d, "experts": cfg.n_routed_experts, "top_k": k, "f": f,
                "routed_flops_fwd_bwd": flops}
@@ -266,9 +274,7 @@ def moe(args, record):
         w = jax.tree.map(lambda a: a[0], params.moe_layers.mlp)
         x = c["x"].reshape(tokens // 1024, 1024, d)
         hidden = (k + cfg.n_shared_experts) * f
-        dw = [(jax.random.normal(keys[0], (d, hidden)) * d ** -0.5).astype(jnp.bfloat16),
-              (jax.random.normal(keys[1], (d, hidden)) * d ** -0.5).astype(jnp.bfloat16),
-              (jax.random.normal(keys[2], (hidden, d)) * hidden ** -0.5).astype(jnp.bfloat16)]
+        dw = swiglu_weights(jax.random.key(5), d, hidden)
         cot = cot.reshape(x.shape)
         layer = jax.jit(jax.grad(lambda w, x, cot: jnp.sum(moe_lib.moe(w, x, cfg)[0] * cot).astype(
             jnp.float32), argnums=(0, 1)))

@@ -107,8 +107,6 @@ def _f32_einsum(spec, a, b):
 
 CAUSAL_CHUNK_ROWS = 64  # query rows per chunk without a cache (at least; at most
 CAUSAL_MAX_CHUNKS = 16  # this many chunks, to bound the program's size)
-
-
 FLASH_MIN_CACHED_QUERIES = 16  # fewer new tokens through a cache: decode-like (see below)
 
 
@@ -208,6 +206,13 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
         probs = _softmax(scores, mask_bts, cfg.softmax_scale).astype(dt)
         out_lat_btnc = jnp.einsum("bnts,bsc->btnc", probs, latent_bsc)
         out_btno = jnp.einsum("btnc,cno->btno", out_lat_btnc, w.v_b.astype(dt))
+    elif flash:
+        k_nope_bsnh, v_bsno = linear(latent_bsc, w.k_b), linear(latent_bsc, w.v_b)
+        k_rope_bsnr = jnp.broadcast_to(k_rope_bsr[:, :, None],
+                                       (*k_nope_bsnh.shape[:3], k_rope_bsr.shape[-1]))
+        out_btno = _flash_attention(jnp.concatenate([q_nope, q_rope], -1),
+                                    jnp.concatenate([k_nope_bsnh, k_rope_bsnr], -1), v_bsno,
+                                    mask_bts, cfg.softmax_scale, cache is None)
     else:
         def core(queries, keys, mask):
             (q_nope_btnh, q_rope_btnr), (k_nope_bsnh, k_rope_bsr, v_bsno) = queries, keys
@@ -217,14 +222,7 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
             return jnp.einsum("bnts,bsno->btno", probs, v_bsno)
 
         keys = [(linear(latent_bsc, w.k_b), 1), (k_rope_bsr, 1), (linear(latent_bsc, w.v_b), 1)]
-        if flash:
-            (k_nope, _), (k_rope, _), (v_bsno, _) = keys
-            k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
-            out_btno = _flash_attention(jnp.concatenate([q_nope, q_rope], -1),
-                                        jnp.concatenate([k_nope, k_rope], -1), v_bsno,
-                                        mask_bts, cfg.softmax_scale, cache is None)
-        else:
-            out_btno = _in_causal_chunks(core, [q_nope, q_rope], keys, mask_bts, cache is None)
+        out_btno = _in_causal_chunks(core, [q_nope, q_rope], keys, mask_bts, cache is None)
     return linear(out_btno, w.o, in_axes=2), cache
 
 

@@ -129,7 +129,8 @@ def _tgmm_pallas(x, dy, block_expert, e: int, out_dtype, interpret: bool):
 
     (m, k), n = x.shape, dy.shape[1]
     block_rows = _check(x, block_expert, "grouped_matmul_t")
-    count = jnp.zeros((e + 1,), jnp.int32).at[jnp.where(block_expert >= 0, block_expert, e)].add(1)[:e]
+    owner = jnp.where(block_expert >= 0, block_expert, e)  # unused blocks counted apart
+    count = jnp.zeros((e + 1,), jnp.int32).at[owner].add(1)[:e]
     first = jnp.cumsum(count) - count
     tile_k, tile_n = _tile(k, TILE_K), _tile(n, TILE_K)
     return pl.pallas_call(

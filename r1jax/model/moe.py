@@ -515,8 +515,8 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
 
     With a `mesh_rules` whose rules place `experts` on mesh axes of total size > 1, the
     routed experts run expert-parallel (`r1jax.model.expert_parallel`: the 'grouped'
-    dispatch where `moe_matmul` resolves to it, else the block loop); routing and the shared experts stay in
-    the sharded-jit world either way. `token_mask_bt` marks real tokens: padding is left
+    dispatch where `moe_matmul` resolves to it, else the block loop); routing and the
+    shared experts stay in the sharded-jit world either way. `token_mask_bt` marks real tokens: padding is left
     out of the expert loads and the balance loss."""
     from r1jax.model import expert_parallel  # imports this module
 
