@@ -119,39 +119,41 @@ def filter_logits(logits_bv: jax.Array, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def draw(key: jax.Array, probs_bv: jax.Array, block: int = 128) -> jax.Array:
-    """One index per row from the (unnormalised) probabilities probs [b, v] >= 0, int32 [b].
+def draw(key: jax.Array, logits_bv: jax.Array, block: int = 128) -> jax.Array:
+    """One index per row drawn with probability softmax(logits [b, v]), int32 [b]; an entry
+    at -inf is never returned (each row needs one finite entry).
 
-    Inverse-CDF sampling with one uniform per row, the CDF taken in two levels (block
-    sums, then within the chosen block). `jax.random.categorical` draws a Gumbel per
-    vocabulary entry instead: b * v random numbers, which on CPU cost more than the
-    rest of a decode step's sampling (about 7 ms at b = 8, v = 32000; 30 ms at b = 32).
-    An index whose probability is 0 is never returned.
+    Inverse-CDF sampling with one uniform per row, the CDF taken in two levels: the mass
+    exp(logits - max) of each block of `block` entries (one pass that writes nothing of
+    size b * v), then within the chosen block. `jax.random.categorical` draws a Gumbel per
+    vocabulary entry instead: b * v random numbers, which on CPU cost more than the rest
+    of a decode step's sampling (about 7 ms at b = 8, v = 32000; 30 ms at b = 32); a
+    normalised softmax and one CDF over all entries took 5.7 ms at b = 64, this 1.7 ms.
     """
-    b, v = probs_bv.shape
-    probs = jnp.pad(probs_bv.astype(jnp.float32), ((0, 0), (0, -v % block)))
-    blocks_bnk = probs.reshape(b, -1, block)
-    block_mass_bn = blocks_bnk.sum(-1)
-    block_cdf_bn = jnp.cumsum(block_mass_bn, -1)
-    u_b1 = jax.random.uniform(key, (b, 1)) * block_cdf_bn[:, -1:]
-    last = block_cdf_bn.shape[1] - 1
-    chosen_b1 = jnp.minimum(jnp.sum(block_cdf_bn <= u_b1, -1, keepdims=True), last)
-    before_b1 = (jnp.take_along_axis(block_cdf_bn, chosen_b1, -1)
-                 - jnp.take_along_axis(block_mass_bn, chosen_b1, -1))
-    inner_bk = jnp.take_along_axis(blocks_bnk, chosen_b1[:, :, None], 1)[:, 0]
+    b, v = logits_bv.shape
+    logits = jnp.pad(logits_bv.astype(jnp.float32), ((0, 0), (0, -v % block)),
+                     constant_values=-jnp.inf)
+    top_b1 = jnp.max(logits, -1, keepdims=True)
+    blocks_bnk = logits.reshape(b, -1, block)
+    mass_bn = jnp.sum(jnp.exp(blocks_bnk - top_b1[:, :, None]), -1)
+    cdf_bn = jnp.cumsum(mass_bn, -1)
+    u_b1 = jax.random.uniform(key, (b, 1)) * cdf_bn[:, -1:]
+    # rounding can put u at or past the end of the CDF: then the last entry with mass
+    last_block_b1 = mass_bn.shape[1] - 1 - jnp.argmax(mass_bn[:, ::-1] > 0, -1, keepdims=True)
+    chosen_b1 = jnp.minimum(jnp.sum(cdf_bn <= u_b1, -1, keepdims=True), last_block_b1)
+    before_b1 = jnp.take_along_axis(cdf_bn - mass_bn, chosen_b1, -1)
+    inner_bk = jnp.exp(jnp.take_along_axis(blocks_bnk, chosen_b1[:, :, None], 1)[:, 0] - top_b1)
     inner_cdf_bk = before_b1 + jnp.cumsum(inner_bk, -1)
-    index = chosen_b1[:, 0] * block + jnp.sum(inner_cdf_bk <= u_b1, -1)
-    # rounding can put u at or past the last positive entry: fall back to that entry
-    last_positive = probs.shape[1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
-    return jnp.minimum(index, last_positive).astype(jnp.int32)
+    last_inner_b = block - 1 - jnp.argmax(inner_bk[:, ::-1] > 0, -1)
+    index_b = jnp.minimum(jnp.sum(inner_cdf_bk <= u_b1, -1), last_inner_b)
+    return (chosen_b1[:, 0] * block + index_b).astype(jnp.int32)
 
 
 def choose(logits_bv: jax.Array, key: jax.Array, scfg: SamplingConfig) -> jax.Array:
     """One token per row: argmax when greedy, else a draw from the filtered distribution."""
     if scfg.temperature == 0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits_bv, scfg.temperature, scfg.top_k, scfg.top_p)
-    return draw(key, jax.nn.softmax(filtered, axis=-1))
+    return draw(key, filter_logits(logits_bv, scfg.temperature, scfg.top_k, scfg.top_p))
 
 
 def _logprob(logits_bv: jax.Array, tokens_b: jax.Array, scfg: SamplingConfig) -> jax.Array:
@@ -336,7 +338,7 @@ def _verify(main_logits_bv, draft_logits_bv, draft_b, key, scfg):
     accept = jax.random.uniform(k_accept, p_d.shape) * q_d < p_d
     residual = jnp.maximum(p - q, 0.0)
     residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p)
-    fallback = draw(k_resample, residual)
+    fallback = draw(k_resample, jnp.log(residual))
     return accept, jnp.where(accept, draft_b, fallback)
 
 

@@ -180,8 +180,8 @@ def _per_token_per_layer(cache, batch, slots):
         if group is None:
             continue
         for leaf in jax.tree.leaves(group):
-            layers, b = leaf.shape[:2]  # [l, b, s, c + r] (MLA) or [l, b, m, s, h] (GQA)
-            assert b == batch and slots in leaf.shape[2:4]
+            layers, b = leaf.shape[:2]  # [l, b, s, c + r] (MLA); [l, b, m, h, s], [l, b, m, s, h] (GQA)
+            assert b == batch and slots in leaf.shape[2:]
         size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(group))
         counts.add(size // (layers * batch * slots))
     assert len(counts) == 1, counts
@@ -209,7 +209,7 @@ def test_mla_cache_holds_latent_and_rope_key_only():
     assert cache_lib.full_kv_values_per_token_per_layer(v3) == 128 * (192 + 128)
 
     dense = r1jax.configs.tiny_dense()  # GQA: keys and values of 2 kv heads x 16 dims
-    assert r1jax.init_cache(dense, 2, 8).dense.k.shape == (2, 2, 2, 8, 16)  # [l, b, m, s, h]
+    assert r1jax.init_cache(dense, 2, 8).dense.k.shape == (2, 2, 2, 16, 8)  # [l, b, m, h, s]
     assert _per_token_per_layer(r1jax.init_cache(dense, 2, 8), 2, 8) == 2 * 2 * 16
     assert cache_lib.values_per_token_per_layer(dense) == 64
 
@@ -539,16 +539,20 @@ def test_sharded_sampling_equals_single_device(request, mesh, case):
 # ----------------------------------------------------------------------------- 8b. the draw, the decode layout
 
 def test_draw_follows_the_probabilities_and_skips_zeros():
-    """Inverse-CDF draws: frequencies fit the probabilities (chi-square), zero-probability
-    entries (leading, inside, trailing, across the 128-entry blocks) never come out."""
+    """Inverse-CDF draws from log-probabilities: frequencies fit the probabilities
+    (chi-square), zero-probability entries (-inf: leading, inside, trailing, across the
+    128-entry blocks) never come out."""
     rng = np.random.default_rng(0)
     v = 300  # not a multiple of the block size
     probs = rng.random((4, v)) ** 4
     probs[:, :5] = probs[:, 140:260] = probs[:, -7:] = 0
-    probs[1] *= 1e-30  # unnormalised and tiny: only ratios matter
     probs[2] = 0
     probs[2, 131] = 1.0  # a single allowed entry
-    draws = np.stack([np.asarray(sampling.draw(jax.random.key(k), jnp.asarray(probs, jnp.float32)))
+    with np.errstate(divide="ignore"):
+        logits = np.log(probs)
+    logits[1] += 500.0  # unnormalised and large: only differences matter
+    logits = jnp.asarray(logits, jnp.float32)
+    draws = np.stack([np.asarray(sampling.draw(jax.random.key(k), logits))
                       for k in range(400)])  # [400, 4]
     assert (probs[np.arange(4)[None], draws] > 0).all()
     assert (draws[:, 2] == 131).all()
