@@ -48,6 +48,7 @@ from r1jax import checkpoint as ckpt  # noqa: E402
 from r1jax import training  # noqa: E402
 from r1jax.data.iterator import Position, iterate  # noqa: E402
 from r1jax.data.sft import load_sft_arrays, read_jsonl  # noqa: E402
+from r1jax.host_memory import retain_freed_memory  # noqa: E402
 
 
 def run(args) -> dict:
@@ -173,7 +174,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    retain_freed_memory()  # before any JAX work: see r1jax.host_memory
+    return run(args)
 
 
 if __name__ == "__main__":

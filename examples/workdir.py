@@ -25,8 +25,12 @@ def add_host_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def init_hosts(args) -> None:
-    """`jax.distributed.initialize` when the run spans several processes. Call it before
-    anything else touches JAX's devices."""
+    """`jax.distributed.initialize` when the run spans several processes, and host memory
+    kept for reuse between steps (`r1jax.host_memory`). Call it before anything else
+    touches JAX's devices."""
+    from r1jax.host_memory import retain_freed_memory
+
+    retain_freed_memory()
     if args.num_processes < 1:
         raise SystemExit(f"--num-processes must be >= 1, got {args.num_processes}")
     if not 0 <= args.process_id < args.num_processes:

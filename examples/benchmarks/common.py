@@ -109,6 +109,20 @@ def measure_limits(quick: bool = False) -> Limits:
                   dot_stream_bandwidth(mbytes=8 if quick else 144))
 
 
+def add_malloc_flag(group) -> None:
+    group.add_argument("--default-malloc", action="store_true",
+                       help="leave glibc's malloc policy as it is, in r1jax's process and the peer's "
+                            "(by default both keep freed memory for reuse: r1jax.host_memory)")
+
+
+def apply_malloc_policy(args) -> bool:
+    """Before any JAX work: `r1jax.host_memory.retain_freed_memory()` unless
+    --default-malloc; whether it applied (the peers get `--retain-freed-memory` then)."""
+    from r1jax.host_memory import retain_freed_memory
+
+    return False if args.default_malloc else retain_freed_memory()
+
+
 def load_average() -> float:
     """The 1-minute load average (other work on this machine skews every number)."""
     try:

@@ -101,6 +101,7 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true",
                    help="tiny_dense, 2 prompts x G = 4, 8 + 8 tokens, 1 repeat")
     g = p.add_argument_group("how")
+    common.add_malloc_flag(g)
     g.add_argument("--repeats", type=int, default=3, help="timed steps; the median is reported")
     g.add_argument("--skip-peer", action="store_true", help="do not run TRL")
     g.add_argument("--torch-threads", type=int, default=2)
@@ -230,7 +231,8 @@ def run_peer(cfg, params, prompts: np.ndarray, args) -> dict:
                "--num-generations", str(args.num_generations), "--new-tokens", str(args.new_tokens),
                "--beta", str(args.beta), "--learning-rate", str(args.learning_rate),
                "--repeats", str(args.repeats), "--threads", str(args.torch_threads),
-               "--seed", str(args.seed), "--out", out]
+               "--seed", str(args.seed), "--out", out,
+               *(["--retain-freed-memory"] if args.retained_freed_memory else [])]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
         for line in proc.stdout:  # stream the step lines, keep the tail for errors
@@ -248,6 +250,7 @@ def run_peer(cfg, params, prompts: np.ndarray, args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.retained_freed_memory = common.apply_malloc_policy(args)  # before any JAX work
     peer_reason = "--skip-peer" if args.skip_peer else peer_available()
     cfg = configs.preset(args.model).replace(dtype="float32", param_dtype="float32")
     params = r1jax.init_params(jax.random.key(args.seed), cfg, with_mtp=False)

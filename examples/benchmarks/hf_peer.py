@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from peak_rss import retain_freed_memory
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -31,11 +33,14 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True, help="JSON result path")
+    p.add_argument("--retain-freed-memory", action="store_true",
+                   help="the malloc policy of r1jax's side (peak_rss.retain_freed_memory)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    retained = retain_freed_memory() if args.retain_freed_memory else False
     import torch
     import transformers
 
@@ -46,7 +51,8 @@ def main(argv=None):
     model.generation_config.pad_token_id = 0
     inputs = np.load(args.inputs)
     result = {"torch": torch.__version__, "transformers": transformers.__version__,
-              "threads": torch.get_num_threads(), "class": type(model).__name__, "runs": {}}
+              "threads": torch.get_num_threads(), "class": type(model).__name__,
+              "retained_freed_memory": retained, "runs": {}}
 
     with torch.no_grad():
         theirs = model(torch.from_numpy(inputs["check_tokens"]).long()).logits.float().numpy()

@@ -1,8 +1,22 @@
-"""The peak host memory a benchmark reports, without JAX (the peers import it too)."""
+"""Host memory of a benchmark's processes, without JAX (the peers import it too): the peak
+it reports, and the malloc policy both sides run under."""
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import resource
+
+HOST_MEMORY_PY = pathlib.Path(__file__).resolve().parents[2] / "r1jax" / "host_memory.py"
+
+
+def retain_freed_memory() -> bool:
+    """`r1jax.host_memory.keep_freed_heap_memory()`, loaded from its file so that a peer's
+    process applies r1jax's malloc policy without importing r1jax (and JAX). (PyTorch runs
+    its operations on the calling thread: the heap policy alone covers them.)"""
+    spec = importlib.util.spec_from_file_location("_r1jax_host_memory", HOST_MEMORY_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.keep_freed_heap_memory()
 
 
 def peak_rss_bytes() -> int:

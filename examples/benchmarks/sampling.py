@@ -114,6 +114,7 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true",
                    help="tiny models and sizes (tiny_moe / tiny_dense, batch 2, 8 + 8 tokens, 1 repeat)")
     g = p.add_argument_group("how")
+    common.add_malloc_flag(g)
     g.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
     g.add_argument("--skip-peer", action="store_true", help="do not run Hugging Face transformers")
     g.add_argument("--skip-spec", action="store_true", help="do not measure MTP speculative decoding")
@@ -259,7 +260,8 @@ def run_peer(cfg, params, prompts: dict, args) -> dict:
         out = os.path.join(folder, "hf.json")
         cmd = [sys.executable, os.path.join(HERE, "hf_peer.py"), "--model-dir", os.path.join(folder, "model"),
                "--inputs", os.path.join(folder, "inputs.npz"), "--new-tokens", str(args.new_tokens),
-               "--repeats", str(args.repeats), "--threads", str(args.torch_threads), "--out", out]
+               "--repeats", str(args.repeats), "--threads", str(args.torch_threads), "--out", out,
+               *(["--retain-freed-memory"] if args.retained_freed_memory else [])]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stdout.splitlines()[-15:])
@@ -330,6 +332,7 @@ def measure_speculative_trained(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.retained_freed_memory = common.apply_malloc_policy(args)  # before any JAX work
     peer_reason = "--skip-peer" if args.skip_peer else peer_available()
     print(f"measuring this machine's limits ({'quick' if args.quick else 'full'})...", flush=True)
     load_before = common.load_average()

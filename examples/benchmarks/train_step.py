@@ -73,6 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true",
                    help="tiny models (tiny_moe / tiny_dense), batch 2 x 16 tokens, 1 repeat")
     g = p.add_argument_group("how")
+    common.add_malloc_flag(g)
     g.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default=DEFAULT_OUT, help="JSON path (default: %(default)s)")
@@ -192,6 +193,7 @@ def measure_moe_layer(cfg, params, args, peak: float) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.retained_freed_memory = common.apply_malloc_policy(args)  # before any JAX work
     print(f"measuring this machine's limits ({'quick' if args.quick else 'full'})...", flush=True)
     load_before = common.load_average()
     limits = common.measure_limits(args.quick)
