@@ -58,17 +58,19 @@ def rope_angles(positions_bt: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, j
 
 
 def apply_rope(x_btnr: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array, interleaved: bool):
-    """Rotates the last axis of x [b, t, heads, r] (heads may be absent: [b, t, r])."""
+    """Rotates the last axis of x [b, t, heads, r] (heads may be absent: [b, t, r]).
+
+    Each pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin), computed as
+    x * [cos, cos] + swap(x) * [-sin, sin] with swap exchanging the members of each pair:
+    one elementwise pass, where splitting and concatenating halves made XLA:CPU's fused
+    loops 2.7x slower.
+    """
     squeeze = x_btnr.ndim == 3
     x = x_btnr[:, :, None] if squeeze else x_btnr
-    cos, sin = cos_btr[:, :, None], sin_btr[:, :, None]
-    x32 = x.astype(jnp.float32)
-    if interleaved:
-        pairs = x32.reshape(*x32.shape[:-1], -1, 2)
-        even, odd = pairs[..., 0], pairs[..., 1]
-        out = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape(x32.shape)
-    else:
-        first, second = jnp.split(x32, 2, axis=-1)
-        out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    out = out.astype(x_btnr.dtype)
+    r = x.shape[-1]
+    pair_axis = -1 if interleaved else -2  # pairs [.., r/2, 2] adjacent, or [.., 2, r/2] halves
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], *((r // 2, 2) if interleaved else (2, r // 2)))
+    cos = jnp.stack([cos_btr, cos_btr], pair_axis)[:, :, None]
+    sin = jnp.stack([-sin_btr, sin_btr], pair_axis)[:, :, None]
+    out = (pairs * cos + jnp.flip(pairs, pair_axis) * sin).reshape(x.shape).astype(x_btnr.dtype)
     return out[:, :, 0] if squeeze else out
