@@ -555,10 +555,12 @@ def _generate_digits(params, examples, key, *, reward):
                                    prompt_len=P)
 
 
+@pytest.mark.parametrize("kept_logits_bytes", [0, 1 << 30], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("with_tied", [False, True], ids=["lm_head", "tied"])
-def test_chunked_head_logprobs_equal_whole_logits(with_tied):
+def test_chunked_head_logprobs_equal_whole_logits(with_tied, kept_logits_bytes):
     """`head_logprobs` in chunks of a few positions (padding the last) gives the log-probs,
-    entropies and gradients of the plain computation over whole logits."""
+    entropies and gradients of the plain computation over whole logits, whether the
+    backward pass keeps the chunks' logits or recomputes them."""
     from r1jax.losses import entropy, token_logprobs
     from r1jax.model.layers import rms_norm, unembed
 
@@ -573,7 +575,8 @@ def test_chunked_head_logprobs_equal_whole_logits(with_tied):
         return token_logprobs(logits, targets, 0.7), entropy(logits, 0.7)
 
     def chunked(params, h):
-        return rollout.head_logprobs(params, h, targets, cfg, 0.7, with_entropy=True, chunk_tokens=6)
+        return rollout.head_logprobs(params, h, targets, cfg, 0.7, with_entropy=True, chunk_tokens=6,
+                                     kept_logits_bytes=kept_logits_bytes)
 
     for a, b in zip(whole(params, h), chunked(params, h)):  # 3 rows x 2 positions per chunk
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-6)
