@@ -268,7 +268,7 @@ def policy_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, temp
 
 LOGPROB_CHUNK_TOKENS = 4096  # logits held at once by `head_logprobs`: rows x positions
 KEPT_LOGITS_BYTES = 1 << 30  # logits of up to this size are kept for the backward pass
-UNROLLED_KEPT_CHUNKS = 8
+UNROLLED_KEPT_CHUNKS = 8  # kept chunks up to this many run as a loop written out
 
 
 def head_logprobs(params: Params, h_ntd: jax.Array, targets_nt: jax.Array, cfg: ModelConfig,
