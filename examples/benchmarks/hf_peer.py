@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from peak_rss import retain_freed_memory
+from peak_rss import keep_freed_heap_memory
 
 
 def parse_args(argv=None):
@@ -34,13 +34,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True, help="JSON result path")
     p.add_argument("--retain-freed-memory", action="store_true",
-                   help="the malloc policy of r1jax's side (peak_rss.retain_freed_memory)")
+                   help="the malloc policy of r1jax's side (peak_rss.keep_freed_heap_memory)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    retained = retain_freed_memory() if args.retain_freed_memory else False
+    retained = keep_freed_heap_memory() if args.retain_freed_memory else False
     import torch
     import transformers
 

@@ -9,7 +9,7 @@ import resource
 HOST_MEMORY_PY = pathlib.Path(__file__).resolve().parents[2] / "r1jax" / "host_memory.py"
 
 
-def retain_freed_memory() -> bool:
+def keep_freed_heap_memory() -> bool:
     """`r1jax.host_memory.keep_freed_heap_memory()`, loaded from its file so that a peer's
     process applies r1jax's malloc policy without importing r1jax (and JAX). (PyTorch runs
     its operations on the calling thread: the heap policy alone covers them.)"""

@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from peak_rss import peak_rss_bytes, retain_freed_memory
+from peak_rss import keep_freed_heap_memory, peak_rss_bytes
 
 
 def even_token_reward(ids) -> float:
@@ -86,13 +86,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="JSON result path")
     p.add_argument("--retain-freed-memory", action="store_true",
-                   help="the malloc policy of r1jax's side (peak_rss.retain_freed_memory)")
+                   help="the malloc policy of r1jax's side (peak_rss.keep_freed_heap_memory)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    retained = retain_freed_memory() if args.retain_freed_memory else False
+    retained = keep_freed_heap_memory() if args.retain_freed_memory else False
     import datasets
     import torch
     import transformers
@@ -188,8 +188,8 @@ def main(argv=None):
     keys = ("step_s", "generate_s", "reference_s", "rollout_s", "update_s")
     result = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
               "threads": torch.get_num_threads(), "class": type(trainer.model).__name__,
-              "retained_freed_memory": retained, "logits_max_abs_diff": diff, "warmup": steps[0] if steps else None,
-              "steps": timed_steps,
+              "retained_freed_memory": retained, "logits_max_abs_diff": diff,
+              "warmup": steps[0] if steps else None, "steps": timed_steps,
               "median": {k: statistics.median(s.get(k, 0.0) for s in timed_steps) for k in keys},
               "peak_rss_bytes": peak_rss_bytes(),
               # informational, NOT this process's peak: Linux carries the parent's high-water
