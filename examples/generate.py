@@ -281,12 +281,11 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("no prompts: give them as arguments or with --prompts-file")
     texts = [apply_template(args.template, p) for p in prompts]
     tokens, lengths = tokenize_prompts(tokenizer, texts, add_bos=args.add_bos)
-    tokens = np.repeat(tokens, args.num_samples, 0)
-    lengths = np.repeat(lengths, args.num_samples, 0)
     stop = tuple(sorted({*model.cfg.eos_token_id, tokenizer.eos_id} - {None}))
     scfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, stop_token_ids=stop,
-                          speculative=args.speculative, pad_id=tokenizer.pad_id)
+                          speculative=args.speculative, pad_id=tokenizer.pad_id,
+                          samples_per_prompt=args.num_samples)
     print(f"model: {model.source}; {r1jax.param_count(model.cfg):,} parameters")
     out = sample(model.params, model.cfg, tokens, lengths, jax.random.key(args.seed), scfg)
     out_tokens, out_lengths = np.asarray(out.tokens), np.asarray(out.lengths)

@@ -93,10 +93,9 @@ def evaluate(params, cfg, tokenizer, examples: list[dict], prompt_fn, prompt_has
     results (means over all problems) are the same on every process."""
     prompts = [prompt_fn(ex) for ex in examples]
     tokens, lengths = tokenize_prompts(tokenizer, prompts, prompt_len)
-    tokens = np.repeat(tokens, samples_per_problem, 0)
-    lengths = np.repeat(lengths, samples_per_problem, 0)
     scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.6, top_p=0.95,
-                          stop_token_ids=(tokenizer.eos_id,), return_logprobs=False)
+                          stop_token_ids=(tokenizer.eos_id,), return_logprobs=False,
+                          samples_per_prompt=samples_per_problem)
     out = rollout.sample_rows(params, cfg, tokens, lengths, key, scfg, mesh_rules=mesh_rules,
                               global_rows=None if num_problems is None
                               else num_problems * samples_per_problem)

@@ -98,7 +98,7 @@ def run(args) -> dict:
     stop = tuple(sorted({*model.cfg.eos_token_id, tokenizer.eos_id} - {None}))
     scfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, stop_token_ids=stop, pad_id=tokenizer.pad_id,
-                          return_logprobs=False)
+                          return_logprobs=False, samples_per_prompt=G)
     prompt_len = max(len(tokenizer.encode(p, add_bos=args.add_bos)) for p in prompts)
     counts = {"samples": 0, "correct": 0, "format_ok": 0, "stopped": 0, "accepted": 0}
     kept: list[list[tuple[str, int]]] = [[] for _ in examples]
@@ -108,7 +108,6 @@ def run(args) -> dict:
         padded = idx + [idx[0]] * (chunk - len(idx))  # every batch the same shape: one compile
         tokens, lengths = tokenize_prompts(tokenizer, [prompts[i] for i in padded], prompt_len,
                                            add_bos=args.add_bos)
-        tokens, lengths = np.repeat(tokens, G, 0), np.repeat(lengths, G, 0)
         out = sample(model.params, model.cfg, tokens, lengths,
                      jax.random.fold_in(jax.random.key(args.seed), first), scfg)
         out_tokens, out_lengths = np.asarray(out.tokens), np.asarray(out.lengths)

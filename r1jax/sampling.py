@@ -44,6 +44,9 @@ class SamplingConfig:
     cache_length: slots per row (default prompt length + max_new_tokens (+1 speculative)).
     pad_id: written after a row has stopped.
     record_experts: return the MoE experts each position was routed to (routing replay).
+    samples_per_prompt: G, how many rows continue each prompt: row i of the prompts
+      becomes rows i*G .. i*G+G-1 of the samples, and its prefill runs once (GRPO's G
+      completions of one prompt: the prompt's forward pass is not repeated G times).
     unroll_layers: decode with the layer stacks split into per-layer weights, and on one
       device the routed experts of models with up to 64 laid side by side (see
       `transformer.unstack_layers`): faster where XLA copies weights out of their stack
@@ -62,6 +65,7 @@ class SamplingConfig:
     cache_length: Optional[int] = None
     pad_id: int = 0
     record_experts: bool = False
+    samples_per_prompt: int = 1
     unroll_layers: Optional[bool] = None
 
     def __post_init__(self):
@@ -74,6 +78,9 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_k={self.top_k}: expected >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingConfig.top_p={self.top_p}: expected a value in (0, 1]")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"SamplingConfig.samples_per_prompt={self.samples_per_prompt}: "
+                             "expected >= 1")
         if self.record_experts and self.speculative:
             raise ValueError("SamplingConfig.record_experts is not supported with speculative=True")
 
@@ -220,8 +227,9 @@ def sample(params: Params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_le
            mesh_rules: Optional[MeshRules] = None) -> Samples:
     """Generates up to `scfg.max_new_tokens` tokens after each right-padded prompt.
 
-    prompt_tokens [b, P] int32 (right-padded), prompt_lengths [b] int32 in 1..P.
-    Returns `Samples` holding only generated tokens.
+    prompt_tokens [p, P] int32 (right-padded), prompt_lengths [p] int32 in 1..P.
+    Returns `Samples` of b = p * `scfg.samples_per_prompt` rows holding only generated
+    tokens (row i * G + j: sample j of prompt i).
     """
     if isinstance(prompt_tokens, (list, tuple)):
         prompt_tokens = np.asarray(prompt_tokens, np.int32)
@@ -235,13 +243,25 @@ def sample(params: Params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_le
 
 # Plain decoding --------------------------------------------------------------------------------
 
-def _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rules, with_mtp=False):
-    b = prompt_tokens.shape[0]
-    cache = init_cache(cfg, b, cache_length, with_mtp=with_mtp)
+def _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rules, repeats,
+             with_mtp=False):
+    """The prompts' forward pass into a fresh cache: (logits, experts [l, b, P, k] or None,
+    final hidden [b, P, d], cache), each prompt's rows repeated `repeats` times after it
+    ran once. Logits are those of the last prompt token [b, v], or of every position
+    [b, P, v] with `with_mtp` (the speculative path's drafts need them all)."""
+    cache = init_cache(cfg, prompt_tokens.shape[0], cache_length, with_mtp=with_mtp)
     out = forward(params, prompt_tokens, cfg, cache=cache, with_mtp=False,
                   logits_at=None if with_mtp else prompt_lengths - 1, mesh_rules=mesh_rules)
     cache = dataclasses.replace(out.cache, lengths=prompt_lengths)
-    return out, cache
+    logits = out.logits if with_mtp else out.logits[:, 0]
+    experts, hidden = out.aux.get("experts"), out.aux["final_hidden"]
+    if repeats > 1:
+        def rows(x, axis=0):
+            return None if x is None else jnp.repeat(x, repeats, axis=axis)
+        logits, experts, hidden = rows(logits), rows(experts, 1), rows(hidden)
+        cache = KVCache(rows(cache.lengths), *(jax.tree.map(lambda a: rows(a, 1), group)
+                                               for group in (cache.dense, cache.moe, cache.mtp)))
+    return logits, experts, hidden, cache
 
 
 UNROLL_MAX_EXPERTS = 64  # more experts than this stay stacked (program size, and FLOPs)
@@ -261,17 +281,18 @@ def _decode_layout(params, cache, cfg, scfg, mesh_rules):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "cache_length", "mesh_rules"))
 def _sample_plain(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cache_length, mesh_rules):
-    b = prompt_tokens.shape[0]
-    n = scfg.max_new_tokens
-    out, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rules)
+    n, g = scfg.max_new_tokens, scfg.samples_per_prompt
+    logits, prompt_experts, _, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg,
+                                                cache_length, mesh_rules, g)
+    prompt_lengths = cache.lengths
+    b = prompt_lengths.shape[0]
     params, cache = _decode_layout(params, cache, cfg, scfg, mesh_rules)
-    logits = out.logits[:, 0]
-    record = scfg.record_experts and "experts" in out.aux
+    record = scfg.record_experts and prompt_experts is not None
     experts = None
     if record:  # [l, b, S, k] by slot; prompt slots now, decode slots as they are fed
-        l, _, p, k = out.aux["experts"].shape
+        l, _, p, k = prompt_experts.shape
         in_prompt = jnp.arange(p)[None, :, None] < prompt_lengths[:, None, None]  # not the padding
-        prompt_experts = jnp.where(in_prompt, out.aux["experts"], -1)
+        prompt_experts = jnp.where(in_prompt, prompt_experts, -1)
         experts = jnp.full((l, b, cache_length, k), -1, jnp.int32).at[:, :, :p].set(prompt_experts)
 
     def emit(state, logits):
@@ -361,21 +382,22 @@ def _mtp(params, cfg, h_btd, next_tokens_bt, positions_bt, cache: KVCache, mesh_
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "cache_length", "mesh_rules"))
 def _sample_speculative(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cache_length,
                         mesh_rules):
+    n, g = scfg.max_new_tokens, scfg.samples_per_prompt
+    logits, _, hidden, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length,
+                                        mesh_rules, g, with_mtp=True)
+    prompt_tokens, prompt_lengths = jnp.repeat(prompt_tokens, g, axis=0), cache.lengths
     b, p = prompt_tokens.shape
-    n = scfg.max_new_tokens
     rows = jnp.arange(b)
-    out, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rules,
-                          with_mtp=True)
     params, cache = _decode_layout(params, cache, cfg, scfg, mesh_rules)
     last = prompt_lengths - 1
-    first_logits = out.logits[rows, last]
+    first_logits = logits[rows, last]
     first = choose(first_logits, jax.random.fold_in(key, 0), scfg)
     # MTP over the prompt: position j sees (h_j, token j+1); the last prompt position sees
     # the first sampled token and drafts the second.
     next_tokens = jnp.concatenate([prompt_tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     next_tokens = next_tokens.at[rows, last].set(first)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    mtp_logits, mtp_cache = _mtp(params, cfg, out.aux["final_hidden"], next_tokens, positions,
+    mtp_logits, mtp_cache = _mtp(params, cfg, hidden, next_tokens, positions,
                                  dataclasses.replace(cache, lengths=jnp.zeros((b,), jnp.int32)),
                                  mesh_rules)
     cache = dataclasses.replace(cache, mtp=mtp_cache)

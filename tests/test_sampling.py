@@ -579,6 +579,35 @@ def test_unrolled_decode_equals_scanned_decode(request, model):
         np.testing.assert_array_equal(np.asarray(unrolled.experts), np.asarray(scanned.experts))
 
 
+@pytest.mark.parametrize("model, scfg", [
+    ("moe16", SamplingConfig(max_new_tokens=6, temperature=0, record_experts=True)),
+    ("moe16", SamplingConfig(max_new_tokens=6, temperature=0, speculative=True)),
+    ("dense", SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9)),
+], ids=["moe_greedy_experts", "moe_speculative", "dense_top_p"])
+def test_samples_per_prompt_equals_repeated_prompts(request, model, scfg):
+    """G samples per prompt (one prefill per prompt) are the rows that the prompts repeated
+    G times give: same tokens, log-probs, lengths and recorded experts, row i * G + j
+    continuing prompt i."""
+    cfg, params = request.getfixturevalue(model)
+    g = 3
+    prompt, lengths = random_prompts(7, [5, 1, 3], 5, cfg.vocab_size)
+    shared = sample(params, cfg, prompt, lengths, jax.random.key(2),
+                    dataclasses.replace(scfg, samples_per_prompt=g))
+    repeated = sample(params, cfg, np.repeat(prompt, g, 0), np.repeat(lengths, g, 0),
+                      jax.random.key(2), scfg)
+    assert np.asarray(shared.tokens).shape == (len(prompt) * g, scfg.max_new_tokens)
+    for field in ("tokens", "lengths", "finish_reason", "drafts_accepted", "drafts_proposed",
+                  "experts"):
+        a, b = getattr(shared, field), getattr(repeated, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=field)
+    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
+    if scfg.temperature > 0:  # the G rows of a prompt are different draws
+        tokens = np.asarray(shared.tokens).reshape(len(prompt), g, -1)
+        assert (tokens[:, 0] != tokens[:, 1]).any(-1).all()
+
+
 # ----------------------------------------------------------------------------- 9. bad input
 
 @pytest.fixture
@@ -627,6 +656,7 @@ def test_bad_input_raises_before_compiling(dense, no_compile, prompt, lengths, s
     (dict(top_p=1.5), ["top_p", "1.5"]),
     (dict(temperature=-1.0), ["temperature", "-1.0"]),
     (dict(top_k=-2), ["top_k", "-2"]),
+    (dict(samples_per_prompt=0), ["samples_per_prompt", "0"]),
 ])
 def test_bad_sampling_config_raises(kwargs, words):
     with pytest.raises(ValueError) as err:

@@ -148,12 +148,15 @@ def _sample_global(params, tokens, lengths, key, *, cfg, scfg, mesh_rules):
 def sample_rows(params: Params, cfg: ModelConfig, tokens: np.ndarray, lengths: np.ndarray,
                 key: jax.Array, scfg: SamplingConfig, *, mesh_rules: Optional[MeshRules] = None,
                 global_rows: Optional[int] = None) -> Samples:
-    """`sample` on this process's prompt rows; the `Samples` of those rows as numpy.
+    """`sample` on this process's prompts; the `Samples` of their rows as numpy.
 
-    tokens [r, P] int32, lengths [r]: all rows on one process (`global_rows` unused). In a
-    multi-process run, this process's rows (`process_rows(mesh_rules, global_rows)`) of a
-    global batch of `global_rows` rows: the rows of all processes are sampled together as
-    one batch laid out over the mesh's batch axes, and each process gets its own back.
+    tokens [r, P] int32, lengths [r]: r prompts, each sampled `scfg.samples_per_prompt`
+    (G) times, so r * G rows come back (row i * G + j: sample j of prompt i). One
+    process: all prompts (`global_rows` unused), each prefilled once. Multi-process: this
+    process's prompts, whose r * G rows are rows `process_rows(mesh_rules, global_rows)`
+    of a global batch of `global_rows` rows; the rows of all processes are sampled
+    together as one batch laid out over the mesh's batch axes (the prompts repeated G
+    times: every row its own prefill), and each process gets its own back.
     """
     if jax.process_count() == 1:
         out = sample(params, cfg, tokens, lengths, key, scfg, mesh_rules=mesh_rules)
@@ -162,10 +165,14 @@ def sample_rows(params: Params, cfg: ModelConfig, tokens: np.ndarray, lengths: n
         raise ValueError("sample_rows: a multi-process run needs mesh_rules (a mesh over all "
                          "processes' devices) and global_rows (rows of all processes together)")
     rows = process_rows(mesh_rules, global_rows)
-    tokens, lengths = np.asarray(tokens, np.int32), np.asarray(lengths, np.int32)
+    g = scfg.samples_per_prompt
+    tokens = np.repeat(np.asarray(tokens, np.int32), g, axis=0)
+    lengths = np.repeat(np.asarray(lengths, np.int32), g, axis=0)
+    scfg = dataclasses.replace(scfg, samples_per_prompt=1)
     if len(tokens) != rows.stop - rows.start:
-        raise ValueError(f"sample_rows: process {jax.process_index()} passed {len(tokens)} rows "
-                         f"but feeds rows {rows.start}..{rows.stop} of {global_rows}")
+        raise ValueError(f"sample_rows: process {jax.process_index()} passed {len(tokens) // g} "
+                         f"prompts x {g} samples = {len(tokens)} rows but feeds rows "
+                         f"{rows.start}..{rows.stop} of {global_rows}")
     validate(cfg, tokens, lengths, scfg, params)
     tokens_g, lengths_g = global_batch((tokens, lengths), mesh_rules, global_rows)
     out = _sample_global(params, tokens_g, lengths_g, key, cfg=cfg, scfg=scfg,
@@ -188,10 +195,11 @@ def generate_groups(params: Params, cfg: ModelConfig, examples: list, *, tokeniz
     global_rows = _global_rows("generate_groups", num_prompts, num_generations)
     prompts = [prompt_fn(ex) for ex in examples]
     tokens, lengths = tokenize_prompts(tokenizer, prompts, prompt_len)
+    samples = sample_rows(params, cfg, tokens, lengths, key,
+                          dataclasses.replace(scfg, samples_per_prompt=num_generations),
+                          mesh_rules=mesh_rules, global_rows=global_rows)
     tokens = np.repeat(np.asarray(tokens), num_generations, axis=0)
     lengths = np.repeat(np.asarray(lengths), num_generations, axis=0)
-    samples = sample_rows(params, cfg, tokens, lengths, key, scfg, mesh_rules=mesh_rules,
-                          global_rows=global_rows)
     out_tokens, out_lengths = samples.tokens, samples.lengths
     truncated = samples.finish_reason == FINISHED_LENGTH
     completions = [tokenizer.decode(out_tokens[i, :out_lengths[i]]) for i in range(len(out_tokens))]
