@@ -420,12 +420,21 @@ def test_deepseek_v3_671b_parameter_count():
 
 # Remat, dtypes --------------------------------------------------------------------------
 
+def _has_matmul(jaxpr):
+    from jax.extend.core import jaxprs_in_params
+    return any(eqn.primitive.name == "dot_general" or any(_has_matmul(sub) for sub in jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
+
+
 def _has_remat(jaxpr):
+    """A rematerialised region holding matmuls: a layer (the SwiGLU activation alone is
+    always rematerialised)."""
     from jax.extend.core import jaxprs_in_params
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name.startswith(("remat", "checkpoint")):
+        subs = jaxprs_in_params(eqn.params)
+        if eqn.primitive.name.startswith(("remat", "checkpoint")) and any(_has_matmul(s) for s in subs):
             return True
-        if any(_has_remat(sub) for sub in jaxprs_in_params(eqn.params)):
+        if any(_has_remat(sub) for sub in subs):
             return True
     return False
 

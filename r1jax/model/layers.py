@@ -30,7 +30,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def swiglu(x_btd: jax.Array, gate_df: jax.Array, up_df: jax.Array, down_fd: jax.Array) -> jax.Array:
     """`down(silu(gate(x)) * up(x))` over the last axis: [..., d] -> [..., d]."""
-    return linear(jax.nn.silu(linear(x_btd, gate_df)) * linear(x_btd, up_df), down_fd)
+    return linear(_silu_times(linear(x_btd, gate_df), linear(x_btd, up_df)), down_fd)
+
+
+@jax.checkpoint
+def _silu_times(gate, up):
+    # recomputed in the backward pass from its inputs, which the matmuls keep anyway:
+    # autodiff would keep sigmoid(gate) and silu(gate) as well (two more [tokens, ffn]
+    # arrays per layer, written by the forward pass)
+    return jax.nn.silu(gate) * up
 
 
 def embed(tokens_bt: jax.Array, table_vd: jax.Array, dtype) -> jax.Array:
