@@ -608,6 +608,28 @@ def test_samples_per_prompt_equals_repeated_prompts(request, model, scfg):
         assert (tokens[:, 0] != tokens[:, 1]).any(-1).all()
 
 
+@pytest.mark.parametrize("model, scfg", [
+    ("moe16", SamplingConfig(max_new_tokens=9, temperature=0, record_experts=True)),
+    ("dense", SamplingConfig(max_new_tokens=9, temperature=1.0, top_p=0.9)),
+    ("dense", SamplingConfig(max_new_tokens=9, temperature=1.0, unroll_layers=False, cache_length=20)),
+], ids=["moe_greedy_experts", "dense_top_p", "dense_stacked_longer_cache"])
+def test_growing_cache_windows_equal_one_window(request, model, scfg):
+    """A decode loop that grows its cache through windows (each step attending only to
+    the slots its window holds) gives what one loop over the whole cache gives."""
+    cfg, params = request.getfixturevalue(model)
+    prompt, lengths = random_prompts(8, [6, 1, 4, 6], 6, cfg.vocab_size)
+    windows = sampling.decode_windows(prompt.shape[1], scfg.cache_length or 6 + 9,
+                                      dataclasses.replace(scfg, decode_windows=3))
+    assert len(windows) == 3 and windows[0] < windows[1] < windows[2], windows
+    one, grown = (sample(params, cfg, prompt, lengths, jax.random.key(5),
+                         dataclasses.replace(scfg, decode_windows=k)) for k in (1, 3))
+    for field in ("tokens", "lengths", "finish_reason", "experts"):
+        a, b = getattr(one, field), getattr(grown, field)
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=field)
+    np.testing.assert_allclose(np.asarray(grown.logprobs), np.asarray(one.logprobs), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- 9. bad input
 
 @pytest.fixture
@@ -657,6 +679,7 @@ def test_bad_input_raises_before_compiling(dense, no_compile, prompt, lengths, s
     (dict(temperature=-1.0), ["temperature", "-1.0"]),
     (dict(top_k=-2), ["top_k", "-2"]),
     (dict(samples_per_prompt=0), ["samples_per_prompt", "0"]),
+    (dict(decode_windows=0), ["decode_windows", "0"]),
 ])
 def test_bad_sampling_config_raises(kwargs, words):
     with pytest.raises(ValueError) as err:

@@ -116,6 +116,28 @@ def unstack_cache(cache: KVCache) -> KVCache:
     return dataclasses.replace(cache, dense=split_stack(cache.dense), moe=split_stack(cache.moe))
 
 
+def grow_cache(cache: KVCache, max_length: int) -> KVCache:
+    """The cache with `max_length` slots per row, the new ones empty (stacked or per-layer
+    stacks alike; the slot axis is -2 of MLA latents and GQA values, -1 of GQA keys)."""
+    def grow(a, axis):
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, max_length - a.shape[axis])
+        return jnp.pad(a, pad)
+
+    def group(g):
+        if g is None:
+            return None
+        if isinstance(g, tuple):
+            return tuple(group(layer) for layer in g)
+        if isinstance(g, MLACache):
+            return MLACache(grow(g.latent_rope, -2))
+        return GQACache(grow(g.k, -1), grow(g.v, -2))
+
+    if max_length < cache.max_length:
+        raise ValueError(f"grow_cache: max_length={max_length} < the cache's {cache.max_length}")
+    return KVCache(cache.lengths, group(cache.dense), group(cache.moe), group(cache.mtp))
+
+
 def values_per_token_per_layer(cfg: ModelConfig) -> int:
     """Cached scalars per token per layer: c + r for MLA, 2 * m * h for GQA."""
     if cfg.is_mla:
