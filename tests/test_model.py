@@ -422,7 +422,8 @@ def test_deepseek_v3_671b_parameter_count():
 
 def _has_matmul(jaxpr):
     from jax.extend.core import jaxprs_in_params
-    return any(eqn.primitive.name == "dot_general" or any(_has_matmul(sub) for sub in jaxprs_in_params(eqn.params))
+    return any(eqn.primitive.name == "dot_general"
+               or any(_has_matmul(sub) for sub in jaxprs_in_params(eqn.params))
                for eqn in jaxpr.eqns)
 
 
@@ -432,7 +433,8 @@ def _has_remat(jaxpr):
     from jax.extend.core import jaxprs_in_params
     for eqn in jaxpr.eqns:
         subs = jaxprs_in_params(eqn.params)
-        if eqn.primitive.name.startswith(("remat", "checkpoint")) and any(_has_matmul(s) for s in subs):
+        remat = eqn.primitive.name.startswith(("remat", "checkpoint"))
+        if remat and any(_has_matmul(s) for s in subs):
             return True
         if any(_has_remat(sub) for sub in subs):
             return True

@@ -602,7 +602,8 @@ def test_samples_per_prompt_equals_repeated_prompts(request, model, scfg):
         assert (a is None) == (b is None), field
         if a is not None:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=field)
-    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(repeated.logprobs),
+                               atol=1e-5)
     if scfg.temperature > 0:  # the G rows of a prompt are different draws
         tokens = np.asarray(shared.tokens).reshape(len(prompt), g, -1)
         assert (tokens[:, 0] != tokens[:, 1]).any(-1).all()
@@ -611,7 +612,8 @@ def test_samples_per_prompt_equals_repeated_prompts(request, model, scfg):
 @pytest.mark.parametrize("model, scfg", [
     ("moe16", SamplingConfig(max_new_tokens=9, temperature=0, record_experts=True)),
     ("dense", SamplingConfig(max_new_tokens=9, temperature=1.0, top_p=0.9)),
-    ("dense", SamplingConfig(max_new_tokens=9, temperature=1.0, unroll_layers=False, cache_length=20)),
+    ("dense", SamplingConfig(max_new_tokens=9, temperature=1.0, unroll_layers=False,
+                             cache_length=20)),
 ], ids=["moe_greedy_experts", "dense_top_p", "dense_stacked_longer_cache"])
 def test_growing_cache_windows_equal_one_window(request, model, scfg):
     """A decode loop that grows its cache through windows (each step attending only to
