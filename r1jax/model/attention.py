@@ -204,7 +204,13 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
         scores = (_f32_einsum("btnc,bsc->bnts", q_lat_btnc, latent_bsc)
                   + _f32_einsum("btnr,bsr->bnts", q_rope, k_rope_bsr))
         probs = _softmax(scores, mask_bts, cfg.softmax_scale).astype(dt)
-        out_lat_btnc = jnp.einsum("bnts,bsc->btnc", probs, latent_bsc)
+        if t == 1:
+            # a decode step: products summed over the slot axis instead of b tiny batched
+            # matmuls, which XLA:CPU runs one by one (0.39 against 1.26 ms a layer at batch
+            # 32: DeepSeek bench-small sampling 1.12x faster there)
+            out_lat_btnc = jnp.sum(probs[:, :, 0, :, None] * latent_bsc[:, None], axis=2)[:, None]
+        else:
+            out_lat_btnc = jnp.einsum("bnts,bsc->btnc", probs, latent_bsc)
         out_btno = jnp.einsum("btnc,cno->btno", out_lat_btnc, w.v_b.astype(dt))
     elif flash:
         k_nope_bsnh, v_bsno = linear(latent_bsc, w.k_b), linear(latent_bsc, w.v_b)
