@@ -255,16 +255,14 @@ def sample(params: Params, cfg: ModelConfig, prompt_tokens: jax.Array, prompt_le
 
 def _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length, mesh_rules, repeats,
              with_mtp=False):
-    """The prompts' forward pass into a fresh cache: (logits, experts [l, b, P, k] or None,
-    final hidden [b, P, d], cache), each prompt's rows repeated `repeats` times after it
-    ran once. Logits are those of the last prompt token [b, v], or of every position
-    [b, P, v] with `with_mtp` (the speculative path's drafts need them all)."""
+    """The prompts' forward pass into a fresh cache (with an MTP layer's when `with_mtp`):
+    (logits of the last prompt token [b, v], experts [l, b, P, k] or None, final hidden
+    [b, P, d], cache), each prompt's rows repeated `repeats` times after it ran once."""
     cache = init_cache(cfg, prompt_tokens.shape[0], cache_length, with_mtp=with_mtp)
     out = forward(params, prompt_tokens, cfg, cache=cache, with_mtp=False,
-                  logits_at=None if with_mtp else prompt_lengths - 1, mesh_rules=mesh_rules)
+                  logits_at=prompt_lengths - 1, mesh_rules=mesh_rules)
     cache = dataclasses.replace(out.cache, lengths=prompt_lengths)
-    logits = out.logits if with_mtp else out.logits[:, 0]
-    experts, hidden = out.aux.get("experts"), out.aux["final_hidden"]
+    logits, experts, hidden = out.logits[:, 0], out.aux.get("experts"), out.aux["final_hidden"]
     if repeats > 1:
         def rows(x, axis=0):
             return None if x is None else jnp.repeat(x, repeats, axis=axis)
@@ -407,14 +405,13 @@ def _mtp(params, cfg, h_btd, next_tokens_bt, positions_bt, cache: KVCache, mesh_
 def _sample_speculative(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cache_length,
                         mesh_rules):
     n, g = scfg.max_new_tokens, scfg.samples_per_prompt
-    logits, _, hidden, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg, cache_length,
-                                        mesh_rules, g, with_mtp=True)
+    first_logits, _, hidden, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg,
+                                              cache_length, mesh_rules, g, with_mtp=True)
     prompt_tokens, prompt_lengths = jnp.repeat(prompt_tokens, g, axis=0), cache.lengths
     b, p = prompt_tokens.shape
     rows = jnp.arange(b)
     params, cache = _decode_layout(params, cache, cfg, scfg, mesh_rules)
     last = prompt_lengths - 1
-    first_logits = logits[rows, last]
     first = choose(first_logits, jax.random.fold_in(key, 0), scfg)
     # MTP over the prompt: position j sees (h_j, token j+1); the last prompt position sees
     # the first sampled token and drafts the second.

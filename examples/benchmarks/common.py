@@ -123,6 +123,11 @@ def apply_malloc_policy(args) -> bool:
     return False if args.default_malloc else retain_freed_memory()
 
 
+def peer_malloc_args(args) -> list[str]:
+    """The peer's command-line flag for the malloc policy `apply_malloc_policy` applied."""
+    return ["--retain-freed-memory"] if args.retained_freed_memory else []
+
+
 def load_average() -> float:
     """The 1-minute load average (other work on this machine skews every number)."""
     try:

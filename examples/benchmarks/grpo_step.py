@@ -232,7 +232,7 @@ def run_peer(cfg, params, prompts: np.ndarray, args) -> dict:
                "--beta", str(args.beta), "--learning-rate", str(args.learning_rate),
                "--repeats", str(args.repeats), "--threads", str(args.torch_threads),
                "--seed", str(args.seed), "--out", out,
-               *(["--retain-freed-memory"] if args.retained_freed_memory else [])]
+               *common.peer_malloc_args(args)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
         for line in proc.stdout:  # stream the step lines, keep the tail for errors

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from peak_rss import keep_freed_heap_memory
+from peak_rss import add_retain_flag, keep_freed_heap_memory
 
 
 def parse_args(argv=None):
@@ -33,8 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True, help="JSON result path")
-    p.add_argument("--retain-freed-memory", action="store_true",
-                   help="the malloc policy of r1jax's side (peak_rss.keep_freed_heap_memory)")
+    add_retain_flag(p)
     return p.parse_args(argv)
 
 

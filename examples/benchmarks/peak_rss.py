@@ -19,6 +19,12 @@ def keep_freed_heap_memory() -> bool:
     return module.keep_freed_heap_memory()
 
 
+def add_retain_flag(parser) -> None:
+    """A peer's `--retain-freed-memory` (passed by `common.peer_malloc_args`)."""
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="the malloc policy of r1jax's side (keep_freed_heap_memory)")
+
+
 def peak_rss_bytes() -> int:
     """This process's resident-set high-water mark so far, in bytes: VmHWM of
     /proc/self/status, else `getrusage(RUSAGE_SELF).ru_maxrss`. VmHWM first because Linux

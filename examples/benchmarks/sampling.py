@@ -261,7 +261,7 @@ def run_peer(cfg, params, prompts: dict, args) -> dict:
         cmd = [sys.executable, os.path.join(HERE, "hf_peer.py"), "--model-dir", os.path.join(folder, "model"),
                "--inputs", os.path.join(folder, "inputs.npz"), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats), "--threads", str(args.torch_threads), "--out", out,
-               *(["--retain-freed-memory"] if args.retained_freed_memory else [])]
+               *common.peer_malloc_args(args)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             tail = "\n".join(proc.stdout.splitlines()[-15:])

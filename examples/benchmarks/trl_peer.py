@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from peak_rss import keep_freed_heap_memory, peak_rss_bytes
+from peak_rss import add_retain_flag, keep_freed_heap_memory, peak_rss_bytes
 
 
 def even_token_reward(ids) -> float:
@@ -85,8 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="JSON result path")
-    p.add_argument("--retain-freed-memory", action="store_true",
-                   help="the malloc policy of r1jax's side (peak_rss.keep_freed_heap_memory)")
+    add_retain_flag(p)
     return p.parse_args(argv)
 
 
