@@ -298,8 +298,8 @@ def decode_windows(prompt_width: int, cache_length: int, scfg: SamplingConfig) -
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "cache_length", "mesh_rules"))
 def _sample_plain(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cache_length, mesh_rules):
-    n, g = scfg.max_new_tokens, scfg.samples_per_prompt
-    windows = decode_windows(prompt_tokens.shape[1], cache_length, scfg)
+    n, g, width = scfg.max_new_tokens, scfg.samples_per_prompt, prompt_tokens.shape[1]
+    windows = decode_windows(width, cache_length, scfg)
     logits, prompt_experts, _, cache = _prefill(params, prompt_tokens, prompt_lengths, cfg,
                                                 windows[0], mesh_rules, g)
     prompt_lengths = cache.lengths
@@ -344,7 +344,7 @@ def _sample_plain(params, prompt_tokens, prompt_lengths, key, *, cfg, scfg, cach
     carry = (state, tok)
     for i, window in enumerate(windows):
         # the step fed `step - 1` tokens writes slot prompt length + step - 1 < window
-        last = n if i == len(windows) - 1 else min(n, window - prompt_tokens.shape[1] + 1)
+        last = n if i == len(windows) - 1 else min(n, window - width + 1)
         if i:
             state, tok = carry
             carry = ((state[0], grow_cache(state[1], window)) + state[2:], tok)

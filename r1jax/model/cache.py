@@ -130,12 +130,13 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
         if isinstance(g, tuple):
             return tuple(group(layer) for layer in g)
         if isinstance(g, MLACache):
-            return MLACache(grow(g.latent_rope, -2))
-        return GQACache(grow(g.k, -1), grow(g.v, -2))
+            return dataclasses.replace(g, latent_rope=grow(g.latent_rope, -2))
+        return dataclasses.replace(g, k=grow(g.k, -1), v=grow(g.v, -2))
 
     if max_length < cache.max_length:
         raise ValueError(f"grow_cache: max_length={max_length} < the cache's {cache.max_length}")
-    return KVCache(cache.lengths, group(cache.dense), group(cache.moe), group(cache.mtp))
+    return dataclasses.replace(cache, dense=group(cache.dense), moe=group(cache.moe),
+                               mtp=group(cache.mtp))
 
 
 def values_per_token_per_layer(cfg: ModelConfig) -> int:
