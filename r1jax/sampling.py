@@ -24,7 +24,7 @@ from r1jax.model import mtp as mtp_lib
 from r1jax.model.attention import attention_mask
 from r1jax.model.cache import KVCache, grow_cache, init_cache, unstack_cache
 from r1jax.model.rope import rope_angles
-from r1jax.model.transformer import Params, block, forward, unstack_layers
+from r1jax.model.transformer import Params, block, forward, out_major_projections, unstack_layers
 from r1jax.sharding import MeshRules
 
 FINISHED_LENGTH = 0  # reached max_new_tokens
@@ -56,9 +56,12 @@ class SamplingConfig:
     unroll_layers: decode with the layer stacks split into per-layer weights, and on one
       device the routed experts of models with up to 64 laid side by side (see
       `transformer.unstack_layers`): faster where XLA copies weights out of their stack
-      on every step (CPU), at the cost of a second copy of the weights during the call
-      (pass params already split by `unstack_layers` to avoid it). None = on for the
-      CPU backend, off elsewhere.
+      on every step (CPU), at the cost of a second copy of the weights during the call.
+      On one device the copy holds the projections and the output head output-major
+      (`transformer.out_major_projections`), the form XLA:CPU's kernels run faster for a
+      decode step's few rows. Pass params already converted by
+      `out_major_projections(unstack_layers(params, experts=True))` to avoid the copy.
+      None = on for the CPU backend, off elsewhere.
     """
 
     max_new_tokens: int = 128
@@ -283,8 +286,11 @@ def _decode_layout(params, cache, cfg, scfg, mesh_rules):
         unroll = jax.default_backend() == "cpu"
     if not unroll:
         return params, cache
-    experts = mesh_rules is None and 0 < cfg.n_routed_experts <= UNROLL_MAX_EXPERTS
-    return unstack_layers(params, experts=experts), unstack_cache(cache)
+    one_device = mesh_rules is None
+    params = unstack_layers(params, experts=one_device and 0 < cfg.n_routed_experts <= UNROLL_MAX_EXPERTS)
+    if one_device:
+        params = out_major_projections(params)
+    return params, unstack_cache(cache)
 
 
 def decode_windows(prompt_width: int, cache_length: int, scfg: SamplingConfig) -> tuple[int, ...]:

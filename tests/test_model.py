@@ -15,7 +15,7 @@ import pytest
 
 import r1jax
 from r1jax.losses import next_token_loss
-from r1jax.model import attention, mtp, rope, transformer
+from r1jax.model import attention, layers, mtp, rope, transformer
 from r1jax.model.cache import MLACache
 
 from model_fixtures import B, T, distinct_tokens, layer, max_abs_diff, random_tokens
@@ -157,6 +157,37 @@ def test_cached_decode_equals_full_forward(model):
         steps.append(out.logits)
     err = max_abs_diff(jnp.concatenate(steps, axis=1), full)
     assert err < 1e-5, f"{name}: cached decode differs from the full forward by {err:.3g}"
+
+
+@pytest.mark.parametrize("untie", [False, True])
+def test_out_major_projections_equal_plain_weights(model, untie):
+    """The sampler's CPU decode layout (`unstack_layers` + `out_major_projections`:
+    projections and head stored [out, in], `linear` running [out, in] x [in, rows]) gives
+    the logits of the stacked plain weights, prefill and one-token steps through a cache;
+    tied and untied heads, GQA and MLA (with query compression) + MoE shared experts."""
+    name, cfg, params = model
+    if untie:
+        cfg, params = _untied(cfg, params)
+    with pytest.raises(ValueError, match="split layer stacks"):
+        transformer.out_major_projections(params)
+    decode = transformer.out_major_projections(transformer.unstack_layers(params, experts=True))
+    assert isinstance(decode.lm_head, layers.OutMajor)
+    first = (decode.dense_layers or decode.moe_layers)[0]
+    assert isinstance(first.attn.o, layers.OutMajor) and first.attn.o.in_shape == (
+        cfg.num_attention_heads, cfg.v_head_dim if cfg.is_mla else cfg.head_dim)
+    again = transformer.out_major_projections(decode)  # converting twice copies nothing
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(decode)))
+    tokens = random_tokens(4)
+    logits = {}
+    for label, p in (("plain", params), ("out-major", decode)):
+        cache, steps = r1jax.init_cache(cfg, B, T), []
+        for lo, hi in zip([0, 5, 6, 7], [5, 6, 7, 8]):
+            out = r1jax.forward(p, tokens[:, lo:hi], cfg, cache=cache, with_mtp=False)
+            cache = out.cache
+            steps.append(out.logits)
+        logits[label] = jnp.concatenate(steps, axis=1)
+    err = max_abs_diff(logits["out-major"], logits["plain"])
+    assert err < 1e-5, f"{name}: out-major decode differs from plain weights by {err:.3g}"
 
 
 def test_causal_chunks_equal_cached_decode(model, monkeypatch):

@@ -1,6 +1,7 @@
 """Small building blocks: projections, RMSNorm, SwiGLU, embedding lookup and output head."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -8,13 +9,44 @@ import jax
 import jax.numpy as jnp
 
 
-def linear(x: jax.Array, w: jax.Array, in_axes: int = 1) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OutMajor:
+    """A projection weight stored output-major, the decode layout of `out_major`:
+    `oi` [prod(out_shape), prod(in_shape)] is the weight [*in_shape, *out_shape] flattened
+    and transposed."""
+    oi: jax.Array
+    in_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    out_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+
+def out_major(w, in_axes: int = 1) -> OutMajor:
+    """Weight [*in, *out] (the first `in_axes` axes contracted by `linear`) -> `OutMajor`
+    (one transposed copy); an `OutMajor` is returned as it is."""
+    if isinstance(w, OutMajor):
+        return w
+    in_shape, out_shape = w.shape[:in_axes], w.shape[in_axes:]
+    return OutMajor(w.reshape(math.prod(in_shape), -1).T, tuple(in_shape), tuple(out_shape))
+
+
+def linear(x: jax.Array, w, in_axes: int = 1) -> jax.Array:
     """Projection x [..., *w.shape[:in_axes]] -> [..., *w.shape[in_axes:]] as one 2-D matmul.
 
     Equivalent to an einsum over the leading weight axes, but flattened on purpose: XLA
     on CPU compiles the backward pass of multi-axis and `...` contractions into fused
     loops about 2.7x slower than plain matrix products (measured on a SwiGLU block).
+
+    An `OutMajor` weight (what the sampler decodes with on CPU) runs the product with the
+    weight on the left, [out, in] x [in, rows], and transposes the small result: for a
+    decode step's few rows XLA:CPU's kernels run that form 1.1-1.5x faster than
+    [rows, in] x [in, out].
     """
+    if isinstance(w, OutMajor):
+        lead = x.shape[:x.ndim - len(w.in_shape)]
+        x2 = x.reshape(-1, math.prod(w.in_shape))
+        # the barrier keeps XLA from folding the transpose back into the product
+        y = jax.lax.optimization_barrier(jnp.dot(w.oi.astype(x.dtype), x2.T)).T
+        return y.reshape(*lead, *w.out_shape)
     in_shape, out_shape = w.shape[:in_axes], w.shape[in_axes:]
     lead = x.shape[:x.ndim - in_axes]
     y = jnp.dot(x.reshape(-1, math.prod(in_shape)), w.reshape(math.prod(in_shape), -1).astype(x.dtype))
@@ -52,4 +84,4 @@ def unembed(h_btd: jax.Array, lm_head_dv: Optional[jax.Array], table_vd: jax.Arr
     if lm_head_dv is None:
         b, t, d = h.shape
         return jnp.dot(h.reshape(b * t, d), table_vd.astype(jnp.float32).T).reshape(b, t, -1)
-    return linear(h, lm_head_dv.astype(jnp.float32))
+    return linear(h, lm_head_dv)  # in float32: linear casts the weight to h's dtype

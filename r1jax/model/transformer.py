@@ -19,7 +19,7 @@ from r1jax.configs import ModelConfig
 from r1jax.model import attention as attn
 from r1jax.model import mtp as mtp_lib
 from r1jax.model.cache import KVCache, LayerCache, join_stack, split_stack
-from r1jax.model.layers import embed, rms_norm, swiglu, unembed
+from r1jax.model.layers import OutMajor, embed, out_major, rms_norm, swiglu, unembed
 from r1jax.model.moe import (MLPWeights, MoEStats, MoEWeights, mlp_infos, moe, moe_infos,
                              widen_experts)
 from r1jax.model.rope import rope_angles
@@ -170,6 +170,41 @@ def unstack_layers(params: Params, experts: bool = False) -> Params:
         moe_layers = tuple(split_experts(layer) for layer in moe_layers)
     return dataclasses.replace(params, dense_layers=split_stack(params.dense_layers),
                                moe_layers=moe_layers)
+
+
+def out_major_projections(params: Params) -> Params:
+    """The same parameters with the projections that `linear` applies and the output head
+    stored output-major (`layers.OutMajor`, one transposed copy each; a tied model's head
+    is a view of the embedding table, which is output-major already). Layer stacks must
+    be split (`unstack_layers`). The sampler decodes this way on CPU (see `layers.linear`).
+    """
+    def mlp(m):
+        if isinstance(m, MoEWeights):
+            return m if m.shared is None else dataclasses.replace(m, shared=mlp(m.shared))
+        return MLPWeights(out_major(m.gate), out_major(m.up), out_major(m.down))
+
+    def block_(layer: BlockWeights) -> BlockWeights:
+        a = layer.attn
+        if isinstance(a, attn.GQAWeights):
+            a = dataclasses.replace(a, q=out_major(a.q), k=out_major(a.k), v=out_major(a.v),
+                                    o=out_major(a.o, 2))
+        else:
+            a = dataclasses.replace(a, q_a=None if a.q_a is None else out_major(a.q_a),
+                                    q_b=out_major(a.q_b), kv_a=out_major(a.kv_a), o=out_major(a.o, 2))
+        return dataclasses.replace(layer, attn=a, mlp=mlp(layer.mlp))
+
+    def stack(layers):
+        if layers is None:
+            return None
+        if not isinstance(layers, tuple):
+            raise ValueError("out_major_projections needs split layer stacks (unstack_layers)")
+        return tuple(block_(layer) for layer in layers)
+
+    v, d = params.embed.shape
+    head = (OutMajor(params.embed, (d,), (v,)) if params.lm_head is None
+            else out_major(params.lm_head))
+    return dataclasses.replace(params, dense_layers=stack(params.dense_layers),
+                               moe_layers=stack(params.moe_layers), lm_head=head)
 
 
 def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
