@@ -280,14 +280,16 @@ UNROLL_MAX_EXPERTS = 64  # more experts than this stay stacked (program size, an
 
 def _decode_layout(params, cache, cfg, scfg, mesh_rules):
     """Per-layer weights and caches for the decode loop when `scfg.unroll_layers` says so;
-    wide experts too on one device with up to UNROLL_MAX_EXPERTS experts."""
+    on one device also wide experts (up to UNROLL_MAX_EXPERTS experts) and output-major
+    projections and head."""
     unroll = scfg.unroll_layers
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
     if not unroll:
         return params, cache
     one_device = mesh_rules is None
-    params = unstack_layers(params, experts=one_device and 0 < cfg.n_routed_experts <= UNROLL_MAX_EXPERTS)
+    wide = one_device and 0 < cfg.n_routed_experts <= UNROLL_MAX_EXPERTS
+    params = unstack_layers(params, experts=wide)
     if one_device:
         params = out_major_projections(params)
     return params, unstack_cache(cache)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +77,9 @@ def embed(tokens_bt: jax.Array, table_vd: jax.Array, dtype) -> jax.Array:
     return jnp.take(table_vd, tokens_bt, axis=0).astype(dtype)
 
 
-def unembed(h_btd: jax.Array, lm_head_dv: Optional[jax.Array], table_vd: jax.Array) -> jax.Array:
-    """Float32 logits [b, t, v]; a tied model (no `lm_head`) uses the embedding table."""
+def unembed(h_btd: jax.Array, lm_head_dv, table_vd: jax.Array) -> jax.Array:
+    """Float32 logits [b, t, v]; a tied model (no `lm_head`) uses the embedding table.
+    `lm_head_dv`: [d, v], an `OutMajor` of it (the sampler's CPU decode layout), or None."""
     h = h_btd.astype(jnp.float32)
     if lm_head_dv is None:
         b, t, d = h.shape

@@ -42,7 +42,7 @@ class Params:
     dense_layers: Optional[BlockWeights]  # stacked [l, ...]
     moe_layers: Optional[BlockWeights]  # stacked [l, ...]
     final_norm: jax.Array  # [d]
-    lm_head: Optional[jax.Array]  # [d, v]; None when tied to `embed`
+    lm_head: Optional[jax.Array]  # [d, v]; None when tied to `embed` (decode layout: OutMajor)
     mtp: Optional[mtp_lib.MTPWeights]
 
 
