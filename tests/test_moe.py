@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import r1jax
-from r1jax.model import moe
+from r1jax.model import layers, moe
 
 
 def _cfg(**kw):
@@ -185,12 +185,16 @@ def test_dispatch_equals_dense_reference(assign, block):
         np.testing.assert_array_equal(load_r, load)
 
 
+@pytest.mark.parametrize("out_major", [False, True], ids=["in_major", "out_major"])
 @pytest.mark.parametrize("assign", ["random", "some_empty", "two_experts"])
-def test_wide_experts_equal_dense_reference(assign):
-    """The decode layout: experts side by side, every expert over every token."""
+def test_wide_experts_equal_dense_reference(assign, out_major):
+    """The decode layout: experts side by side, every expert over every token; also with
+    both wide matrices output-major (the sampler's CPU layout), and back to stacked."""
     c = _case(n=5, k=2, e=8, d=16, f=24, assign=assign)
     wide = moe.widen_experts(c["gate"], c["up"], c["down"])
     assert wide.gate_up.shape == (16, 8 * 2 * 24) and wide.down.shape == (8 * 24, 16)
+    if out_major:
+        wide = moe.WideExperts(layers.out_major(wide.gate_up), layers.out_major(wide.down))
     for back, orig in zip(moe.narrow_experts(wide, 8), (c["gate"], c["up"], c["down"])):
         np.testing.assert_array_equal(back, orig)
     got, load = jax.jit(moe.expert_ffn_wide, static_argnums=4)(c["x"], c["experts"], c["weights"], wide, 8)

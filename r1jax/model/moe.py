@@ -30,7 +30,7 @@ from jax.interpreters import ad, batching, mlir
 
 from r1jax.configs import ModelConfig
 from r1jax.model import grouped_matmul as gmm
-from r1jax.model.layers import swiglu
+from r1jax.model.layers import OutMajor, linear, swiglu
 from r1jax.sharding import ArrayInfo, fan_in_init, normal_init, zeros_init
 
 
@@ -474,6 +474,7 @@ class WideExperts:
     experts=True)`: each projection of all experts is one matrix."""
     gate_up: jax.Array  # [d, e * 2 * f]: expert j's f gate columns, then its f up columns
     down: jax.Array  # [e * f, d]
+    # (either may be a `layers.OutMajor` of that: `transformer.out_major_projections`)
 
 
 def widen_experts(gate_edf: jax.Array, up_edf: jax.Array, down_efd: jax.Array) -> WideExperts:
@@ -485,10 +486,11 @@ def widen_experts(gate_edf: jax.Array, up_edf: jax.Array, down_efd: jax.Array) -
 
 def narrow_experts(wide: WideExperts, e: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`WideExperts` -> stacked (gate [e, d, f], up [e, d, f], down [e, f, d])."""
-    d = wide.gate_up.shape[0]
-    f = wide.down.shape[0] // e
-    gate_up = wide.gate_up.reshape(d, e, 2, f).transpose(1, 2, 0, 3)
-    return gate_up[:, 0], gate_up[:, 1], wide.down.reshape(e, f, d)
+    gate_up, down = (w.oi.T if isinstance(w, OutMajor) else w for w in (wide.gate_up, wide.down))
+    d = gate_up.shape[0]
+    f = down.shape[0] // e
+    gate_up = gate_up.reshape(d, e, 2, f).transpose(1, 2, 0, 3)
+    return gate_up[:, 0], gate_up[:, 1], down.reshape(e, f, d)
 
 
 def expert_ffn_wide(x_nd, experts_nk, weights_nk, wide: WideExperts, e: int):
@@ -498,12 +500,11 @@ def expert_ffn_wide(x_nd, experts_nk, weights_nk, wide: WideExperts, e: int):
     products are bound by reading the weights, which every expert needs anyway once a
     handful of tokens pick k of e; two wide products stream them about 2x faster on CPU
     than 3e small ones, and much faster than sorting and padding into blocks."""
-    n, d = x_nd.shape
-    f = wide.down.shape[0] // e
+    n = x_nd.shape[0]
     combine_ne = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], experts_nk].add(weights_nk)
-    h = jnp.dot(x_nd, wide.gate_up.astype(x_nd.dtype)).reshape(n, e, 2, f)
+    h = linear(x_nd, wide.gate_up).reshape(n, e, 2, -1)
     act = jax.nn.silu(h[:, :, 0]) * h[:, :, 1] * combine_ne[:, :, None].astype(x_nd.dtype)
-    y = jnp.dot(act.reshape(n, e * f), wide.down.astype(x_nd.dtype))
+    y = linear(act.reshape(n, -1), wide.down)
     load = jnp.bincount(experts_nk.reshape(-1), length=e).astype(jnp.int32)
     return y, load
 

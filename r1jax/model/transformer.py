@@ -20,8 +20,8 @@ from r1jax.model import attention as attn
 from r1jax.model import mtp as mtp_lib
 from r1jax.model.cache import KVCache, LayerCache, join_stack, split_stack
 from r1jax.model.layers import OutMajor, embed, out_major, rms_norm, swiglu, unembed
-from r1jax.model.moe import (MLPWeights, MoEStats, MoEWeights, mlp_infos, moe, moe_infos,
-                             widen_experts)
+from r1jax.model.moe import (MLPWeights, MoEStats, MoEWeights, WideExperts, mlp_infos, moe,
+                             moe_infos, widen_experts)
 from r1jax.model.rope import rope_angles
 from r1jax.sharding import ArrayInfo, MeshRules, constrain, normal_init, ones_init
 
@@ -173,13 +173,17 @@ def unstack_layers(params: Params, experts: bool = False) -> Params:
 
 
 def out_major_projections(params: Params) -> Params:
-    """The same parameters with the projections that `linear` applies and the output head
-    stored output-major (`layers.OutMajor`, one transposed copy each; a tied model's head
-    is a view of the embedding table, which is output-major already). Layer stacks must
-    be split (`unstack_layers`). The sampler decodes this way on CPU (see `layers.linear`).
+    """The same parameters with the projections that `linear` applies (wide routed experts
+    included) and the output head stored output-major (`layers.OutMajor`, one transposed
+    copy each; a tied model's head is a view of the embedding table, which is output-major
+    already). Layer stacks must be split (`unstack_layers`). The sampler decodes this way
+    on CPU (see `layers.linear`).
     """
     def mlp(m):
         if isinstance(m, MoEWeights):
+            if isinstance(m.gate, WideExperts):
+                m = dataclasses.replace(m, gate=WideExperts(out_major(m.gate.gate_up),
+                                                            out_major(m.gate.down)))
             return m if m.shared is None else dataclasses.replace(m, shared=mlp(m.shared))
         return MLPWeights(out_major(m.gate), out_major(m.up), out_major(m.down))
 
