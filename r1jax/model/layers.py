@@ -28,6 +28,13 @@ def out_major(w, in_axes: int = 1) -> OutMajor:
     return OutMajor(w.reshape(math.prod(in_shape), -1).T, tuple(in_shape), tuple(out_shape))
 
 
+def in_major(w) -> jax.Array:
+    """The inverse of `out_major`: the weight [*in_shape, *out_shape]; an array as it is."""
+    if not isinstance(w, OutMajor):
+        return w
+    return w.oi.T.reshape(*w.in_shape, *w.out_shape)
+
+
 def linear(x: jax.Array, w, in_axes: int = 1) -> jax.Array:
     """Projection x [..., *w.shape[:in_axes]] -> [..., *w.shape[in_axes:]] as one 2-D matmul.
 
@@ -41,14 +48,16 @@ def linear(x: jax.Array, w, in_axes: int = 1) -> jax.Array:
     [rows, in] x [in, out].
     """
     if isinstance(w, OutMajor):
-        lead = x.shape[:x.ndim - len(w.in_shape)]
-        x2 = x.reshape(-1, math.prod(w.in_shape))
+        in_shape, out_shape = w.in_shape, w.out_shape
+    else:
+        in_shape, out_shape = w.shape[:in_axes], w.shape[in_axes:]
+    lead = x.shape[:x.ndim - len(in_shape)]
+    x2 = x.reshape(-1, math.prod(in_shape))
+    if isinstance(w, OutMajor):
         # the barrier keeps XLA from folding the transpose back into the product
         y = jax.lax.optimization_barrier(jnp.dot(w.oi.astype(x.dtype), x2.T)).T
-        return y.reshape(*lead, *w.out_shape)
-    in_shape, out_shape = w.shape[:in_axes], w.shape[in_axes:]
-    lead = x.shape[:x.ndim - in_axes]
-    y = jnp.dot(x.reshape(-1, math.prod(in_shape)), w.reshape(math.prod(in_shape), -1).astype(x.dtype))
+    else:
+        y = jnp.dot(x2, w.reshape(math.prod(in_shape), -1).astype(x.dtype))
     return y.reshape(*lead, *out_shape)
 
 

@@ -30,7 +30,7 @@ from jax.interpreters import ad, batching, mlir
 
 from r1jax.configs import ModelConfig
 from r1jax.model import grouped_matmul as gmm
-from r1jax.model.layers import OutMajor, linear, swiglu
+from r1jax.model.layers import in_major, linear, swiglu
 from r1jax.sharding import ArrayInfo, fan_in_init, normal_init, zeros_init
 
 
@@ -486,7 +486,7 @@ def widen_experts(gate_edf: jax.Array, up_edf: jax.Array, down_efd: jax.Array) -
 
 def narrow_experts(wide: WideExperts, e: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`WideExperts` -> stacked (gate [e, d, f], up [e, d, f], down [e, f, d])."""
-    gate_up, down = (w.oi.T if isinstance(w, OutMajor) else w for w in (wide.gate_up, wide.down))
+    gate_up, down = in_major(wide.gate_up), in_major(wide.down)
     d = gate_up.shape[0]
     f = down.shape[0] // e
     gate_up = gate_up.reshape(d, e, 2, f).transpose(1, 2, 0, 3)
