@@ -110,6 +110,10 @@ def test_assemble_batch_layout_mask_and_advantages():
     np.testing.assert_array_equal(batch.lengths, [1, 4, 3, 2])
     np.testing.assert_array_equal(batch.truncated, [False, True, False, False])
     assert batch.old_logp is None and batch.ref_logp is None and batch.experts is None
+    # the rows of each group share their prompt: its forward pass may run once per group
+    assert batch.group_size == 2
+    unshared = rollout.assemble_batch(_random_groups(1, 4, G, P, N), CFG, GCFG, params=None)
+    assert unshared.group_size is None  # every row its own random prompt
 
     dr = rollout.assemble_batch(groups, CFG, grpo.GRPOConfig(num_generations=2, beta=0.0,
                                                              scale_rewards=False), params=None)

@@ -226,7 +226,7 @@ def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, expert
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     unroll = cfg.unroll_layers if cfg.unroll_layers is not None else jax.default_backend() == "cpu"
-    if isinstance(stack, tuple) or (cache is None and unroll):
+    if isinstance(stack, tuple) or (unroll and (cache is None or isinstance(cache, tuple))):
         layers = split_stack(stack)
         in_caches = split_stack(cache) if cache is not None else (None,) * len(layers)
         outs = []

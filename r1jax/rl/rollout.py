@@ -27,6 +27,7 @@ from r1jax.configs import ModelConfig
 from r1jax.data.padding import tokenize_prompts
 from r1jax.losses import entropy as token_entropy
 from r1jax.losses import token_logprobs
+from r1jax.model.shared_prefix import forward_shared_prefix, prefix_sharing_applies
 from r1jax.model.transformer import Params, forward, output_head
 from r1jax.rl import grpo
 from r1jax.sampling import FINISHED_LENGTH, Samples, SamplingConfig, sample, validate
@@ -49,6 +50,8 @@ class RolloutBatch:
     log-probs are computed only over each row's N positions from its first target (the
     prompt's positions need none): the output head, the costliest layer of a small
     model, then runs on N of the T - 1 positions.
+    group_size (static): G, when rows i*G .. i*G+G-1 share one prompt (`assemble_batch`
+    sets it): the prompt's forward pass then runs once per group (`policy_logprobs`).
     """
 
     tokens: jax.Array
@@ -61,6 +64,7 @@ class RolloutBatch:
     ref_logp: Optional[jax.Array] = None
     experts: Optional[jax.Array] = None
     completion_width: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+    group_size: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
 
     def logprob_positions(self) -> Optional[jax.Array]:
         """[n, N] int32: the positions whose log-probs the loss reads (see above), or None."""
@@ -245,33 +249,56 @@ def collect_groups(generate: Callable[[list, jax.Array], Groups], next_examples:
 def policy_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, temperature: float = 1.0,
                     experts: Optional[jax.Array] = None, mesh_rules: Optional[MeshRules] = None,
                     with_entropy: bool = False, token_mask: Optional[jax.Array] = None,
-                    positions: Optional[jax.Array] = None):
+                    positions: Optional[jax.Array] = None, group_size: Optional[int] = None):
     """(log pi(token t+1 | tokens <= t) [n, T-1] float32, entropy [n, T-1] or None, aux).
 
     The trainer's log-probs; `experts` [n, l_moe, T, k] replays a recorded routing;
     `token_mask` [n, T] marks real tokens (for the MoE load statistics); `positions`
     [n, W] int32, when given, are the only positions computed (the others are 0; indices
     past T - 2 are ignored).
+
+    group_size G (with `positions`): rows i*G .. i*G+G-1 share their tokens before their
+    first position + 1 (a GRPO group's prompt), which lie within the first T - W tokens,
+    and their positions are consecutive. The prompt's forward pass then runs once per
+    group where `prefix_sharing_applies` (`r1jax.model.shared_prefix`): the same
+    log-probs for less work; aux then holds only the MoE `expert_load` and `balance_loss`.
     """
-    routing = None if experts is None else {"moe": jnp.moveaxis(experts, 0, 1)}
-    out = forward(params, tokens_nT, cfg, routing=routing, with_mtp=False, token_mask=token_mask,
-                  mesh_rules=mesh_rules, return_logits=False)
-    h, targets = out.aux["final_hidden"][:, :-1], tokens_nT[:, 1:]
-    if positions is None:
-        logp, ent = head_logprobs(params, h, targets, cfg, temperature, with_entropy)
-        return logp, ent, out.aux
-    t = targets.shape[1]
+    sharing = positions is not None and prefix_sharing_applies(cfg, tokens_nT.shape[0], group_size,
+                                                               mesh_rules)
+    if not sharing:
+        routing = None if experts is None else {"moe": jnp.moveaxis(experts, 0, 1)}
+        out = forward(params, tokens_nT, cfg, routing=routing, with_mtp=False,
+                      token_mask=token_mask, mesh_rules=mesh_rules, return_logits=False)
+        h, aux = out.aux["final_hidden"][:, :-1], out.aux
+        if positions is None:
+            logp, ent = head_logprobs(params, h, tokens_nT[:, 1:], cfg, temperature, with_entropy)
+            return logp, ent, aux
+    t = tokens_nT.shape[1] - 1
     valid = positions < t
     index = jnp.minimum(positions, t - 1)
-    logp, ent = head_logprobs(params, jnp.take_along_axis(h, index[..., None], axis=1),
-                              jnp.take_along_axis(targets, index, axis=1), cfg, temperature,
-                              with_entropy)
+    at = lambda a, shift=0: None if a is None else jnp.take_along_axis(a, index + shift, axis=1)  # noqa: E731
+    targets = at(tokens_nT, 1)
+    if sharing:
+        first, p = slice(None, None, group_size), tokens_nT.shape[1] - positions.shape[1]
+        # a row without completion tokens starts at 0 (`logprob_positions`); its values are masked
+        prefix_lengths = index[:, 0].reshape(-1, group_size).max(1) + 1
+        h, aux = forward_shared_prefix(
+            params, tokens_nT[first, :p], prefix_lengths, targets, cfg, group_size,
+            prefix_experts=None if experts is None else jnp.moveaxis(experts[first, :, :p], 0, 1),
+            experts=None if experts is None else jnp.moveaxis(
+                jnp.take_along_axis(experts, (index + 1)[:, None, :, None], axis=2), 0, 1),
+            prefix_token_mask=None if token_mask is None else token_mask[first, :p],
+            token_mask=at(token_mask, 1), mesh_rules=mesh_rules)
+    else:
+        h = jnp.take_along_axis(h, index[..., None], axis=1)
+    logp, ent = head_logprobs(params, h, targets, cfg, temperature, with_entropy)
 
     def spread(values_nw):  # back to [n, T-1]; clipped duplicates add zeros
         rows = jnp.arange(values_nw.shape[0])[:, None]
-        return jnp.zeros(targets.shape, values_nw.dtype).at[rows, index].add(jnp.where(valid, values_nw, 0))
+        return jnp.zeros((values_nw.shape[0], t), values_nw.dtype).at[rows, index].add(
+            jnp.where(valid, values_nw, 0))
 
-    return spread(logp), (spread(ent) if with_entropy else None), out.aux
+    return spread(logp), (spread(ent) if with_entropy else None), aux
 
 
 LOGPROB_CHUNK_TOKENS = 4096  # logits held at once by `head_logprobs`: rows x positions
@@ -325,13 +352,24 @@ def head_logprobs(params: Params, h_ntd: jax.Array, targets_nt: jax.Array, cfg: 
     return logp, (ent if with_entropy else None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "temperature", "mesh_rules"))
+@functools.partial(jax.jit, static_argnames=("cfg", "temperature", "mesh_rules", "group_size"))
 def sequence_logprobs(params: Params, tokens_nT: jax.Array, cfg: ModelConfig, temperature: float = 1.0,
                       experts: Optional[jax.Array] = None, mesh_rules: Optional[MeshRules] = None,
-                      positions: Optional[jax.Array] = None):
+                      positions: Optional[jax.Array] = None, group_size: Optional[int] = None):
     """Jitted `policy_logprobs` without entropy: [n, T-1] float32."""
     return policy_logprobs(params, tokens_nT, cfg, temperature, experts, mesh_rules,
-                           positions=positions)[0]
+                           positions=positions, group_size=group_size)[0]
+
+
+def _groups_share_prompts(groups: Groups, g: int) -> bool:
+    """Whether the G rows of every group have the same prompt (as `generate_groups` makes
+    them), so the batch may run each prompt's forward pass once."""
+    def same(x):
+        x = np.asarray(x).reshape(-1, g, *np.shape(x)[1:])
+        return bool(np.all(x == x[:, :1]))
+    prompt = np.where(np.arange(groups.prompt_tokens.shape[1]) < groups.prompt_lengths[:, None],
+                      groups.prompt_tokens, 0)
+    return same(groups.prompt_lengths) and same(prompt)
 
 
 def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, *, params: Params,
@@ -344,7 +382,8 @@ def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, 
     of all processes: the batch is global, its rows laid out over the mesh's batch axes
     (`sharding.global_batch`), each process feeding its own.
     """
-    global_rows = _global_rows("assemble_batch", num_prompts, groups.rewards.shape[1])
+    g = groups.rewards.shape[1]
+    global_rows = _global_rows("assemble_batch", num_prompts, g)
     if global_rows is None:
         place = jnp.asarray
     elif mesh_rules is None:
@@ -363,6 +402,8 @@ def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, 
     tokens = np.where(pos < plen, from_prompt, np.where(completion_pos, from_completion, 0)).astype(np.int32)
     advantages = grpo.group_advantages(jnp.asarray(groups.rewards), grpo_cfg.scale_rewards,
                                        grpo_cfg.advantage_eps, grpo_cfg.std_ddof).reshape(-1)
+    # every process must trace the same program: all share prompts or none does
+    shared_prompts = int(process_sum(np.int32(not _groups_share_prompts(groups, g)))) == 0
     experts = None
     if routing_replay and groups.experts is not None:
         experts = place(groups.experts[:, :, :t])
@@ -370,14 +411,15 @@ def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, 
         tokens=place(tokens), mask=place(completion_pos[:, 1:], jnp.float32),
         advantages=place(advantages, jnp.float32), rewards=place(groups.rewards.reshape(-1)),
         lengths=place(groups.lengths, jnp.int32), truncated=place(groups.truncated),
-        experts=experts, completion_width=groups.tokens.shape[1])
+        experts=experts, completion_width=groups.tokens.shape[1],
+        group_size=g if shared_prompts else None)
     positions = batch.logprob_positions()
     if grpo_cfg.num_iterations > 1:
         batch.old_logp = sequence_logprobs(params, batch.tokens, cfg, grpo_cfg.temperature, experts,
-                                           mesh_rules, positions)
+                                           mesh_rules, positions, batch.group_size)
     if grpo_cfg.beta > 0:
         if ref_params is None:
             raise ValueError(f"GRPOConfig.beta={grpo_cfg.beta} > 0 needs ref_params")
         batch.ref_logp = sequence_logprobs(ref_params, batch.tokens, cfg, grpo_cfg.temperature, None,
-                                           mesh_rules, positions)
+                                           mesh_rules, positions, batch.group_size)
     return batch

@@ -32,7 +32,7 @@ def grpo_loss(params: Params, batch: RolloutBatch, cfg: ModelConfig, grpo_cfg: g
     token_mask = jnp.arange(t)[None, :] <= last[:, None]
     logp, ent, aux = policy_logprobs(params, batch.tokens, cfg, grpo_cfg.temperature, batch.experts,
                                      mesh_rules, with_entropy=True, token_mask=token_mask,
-                                     positions=batch.logprob_positions())
+                                     positions=batch.logprob_positions(), group_size=batch.group_size)
     old = batch.old_logp if batch.old_logp is not None else jax.lax.stop_gradient(logp)
     loss, metrics = grpo.policy_loss(logp, old, batch.ref_logp, batch.advantages, batch.mask,
                                      grpo_cfg, entropy=jax.lax.stop_gradient(ent))
