@@ -374,9 +374,14 @@ def _groups_share_prompts(groups: Groups, g: int) -> bool:
 
 def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, *, params: Params,
                    ref_params: Optional[Params] = None, mesh_rules: Optional[MeshRules] = None,
-                   routing_replay: bool = False, num_prompts: Optional[int] = None) -> RolloutBatch:
+                   routing_replay: bool = False, num_prompts: Optional[int] = None,
+                   share_prompts: bool = True) -> RolloutBatch:
     """Lays prompt + completion out left-aligned, computes advantages, and the old / reference
     log-probs that the objective needs (none with mu = 1 and beta = 0).
+
+    share_prompts: where the G rows of every group have the same prompt (as
+    `generate_groups` makes them), set `RolloutBatch.group_size`, so the log-probs here
+    and in the train step run each prompt's forward pass once (False: every row its own).
 
     In a multi-process run `groups` are this process's and `num_prompts` counts the groups
     of all processes: the batch is global, its rows laid out over the mesh's batch axes
@@ -403,7 +408,8 @@ def assemble_batch(groups: Groups, cfg: ModelConfig, grpo_cfg: grpo.GRPOConfig, 
     advantages = grpo.group_advantages(jnp.asarray(groups.rewards), grpo_cfg.scale_rewards,
                                        grpo_cfg.advantage_eps, grpo_cfg.std_ddof).reshape(-1)
     # every process must trace the same program: all share prompts or none does
-    shared_prompts = int(process_sum(np.int32(not _groups_share_prompts(groups, g)))) == 0
+    unshared = np.int32(share_prompts and not _groups_share_prompts(groups, g))
+    shared_prompts = share_prompts and int(process_sum(unshared)) == 0
     experts = None
     if routing_replay and groups.experts is not None:
         experts = place(groups.experts[:, :, :t])
