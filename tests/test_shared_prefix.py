@@ -1,6 +1,6 @@
 """The prompt's forward pass once per GRPO group (`r1jax.model.shared_prefix`): the log-probs,
-entropies, gradients and MoE loads of `policy_logprobs` equal those of the plain forward
-over whole rows, for GQA and for MLA + MoE with routing replay."""
+entropies, gradients, MoE loads and sequence-wise balance loss of `policy_logprobs` equal
+those of the plain forward over whole rows, for GQA and for MLA + MoE with routing replay."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +11,7 @@ from r1jax.model.shared_prefix import forward_shared_prefix, prefix_sharing_appl
 from r1jax.rl.rollout import policy_logprobs
 
 DENSE = r1jax.configs.tiny_dense()
-# no sequence-wise balance loss: the MoE statistics then split exactly (see below)
-MOE = r1jax.configs.tiny_moe(aux_loss_alpha=0.0, num_nextn_predict_layers=0)
+MOE = r1jax.configs.tiny_moe(aux_loss_alpha=0.01, num_nextn_predict_layers=0)
 GROUPS, G, P, N = 3, 4, 12, 10  # prompts, rows per prompt, prompt width, completion width
 
 
@@ -55,13 +54,14 @@ def test_shared_prompt_logprobs_equal_the_plain_forward(cfg):
         logp, ent, aux = policy_logprobs(p, tokens, cfg, experts=experts, with_entropy=True,
                                          token_mask=real, positions=positions,
                                          group_size=group_size)
-        return (logp * mask).sum() + 0.1 * (ent * mask).sum(), (logp * mask, ent * mask,
-                                                                 aux.get("expert_load"))
+        balance = aux.get("balance_loss", 0.0)
+        return ((logp * mask).sum() + 0.1 * (ent * mask).sum() + 100 * balance,
+                (logp * mask, ent * mask, aux.get("expert_load"), balance))
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     assert prefix_sharing_applies(cfg, tokens.shape[0], G)
-    (_, (logp, ent, load)), grads = grad(params, None)
-    (_, (logp_s, ent_s, load_s)), grads_s = grad(params, G)
+    (_, (logp, ent, load, balance)), grads = grad(params, None)
+    (_, (logp_s, ent_s, load_s, balance_s)), grads_s = grad(params, G)
     assert float(jnp.abs(logp).min()) == 0 and float(jnp.abs(logp).max()) > 1
     np.testing.assert_allclose(logp_s, logp, atol=2e-5, rtol=0)
     np.testing.assert_allclose(ent_s, ent, atol=2e-5, rtol=0)
@@ -70,16 +70,16 @@ def test_shared_prompt_logprobs_equal_the_plain_forward(cfg):
     if cfg.num_moe_layers:  # each prompt token counted G times, padding not at all
         np.testing.assert_array_equal(load_s, load)
         assert int(load.sum()) == int(real.sum()) * cfg.num_experts_per_tok * cfg.num_moe_layers
+        assert float(balance) > 0
+        np.testing.assert_allclose(balance_s, balance, rtol=1e-5)
 
 
-def test_prefix_sharing_applies_only_where_the_result_is_exact():
+def test_prefix_sharing_applies_to_whole_groups():
     assert prefix_sharing_applies(DENSE, 12, 4)
     assert not prefix_sharing_applies(DENSE, 12, None)
     assert not prefix_sharing_applies(DENSE, 12, 1)
     assert not prefix_sharing_applies(DENSE, 10, 4)  # a micro-batch that splits a group
     assert prefix_sharing_applies(MOE, 12, 4)
-    # a sequence-wise balance loss is a product of two sums over each whole row
-    assert not prefix_sharing_applies(r1jax.configs.tiny_moe(), 12, 4)
 
 
 def test_forward_shared_prefix_checks_the_row_count():

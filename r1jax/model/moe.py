@@ -60,6 +60,7 @@ class MoEStats:
     balance_loss: jax.Array  # [] float32: sequence-wise balance loss, already times alpha
     experts: jax.Array  # [b, t, k] int32: the experts chosen per token (for routing replay)
     weights: jax.Array  # [b, t, k] float32: the gate weight of each chosen expert
+    balance_terms: Optional[tuple] = None  # `balance_terms` ([b, e], [b, e], [b]) when alpha > 0
 
 
 def mlp_infos(cfg: ModelConfig, hidden: int) -> MLPWeights:
@@ -131,6 +132,29 @@ def route(x_nd: jax.Array, w: MoEWeights, cfg: ModelConfig, experts_nk: Optional
 
 # Balancing -----------------------------------------------------------------------------------
 
+def balance_terms(scores_bte: jax.Array, experts_btk: jax.Array, cfg: ModelConfig,
+                  mask_bt: Optional[jax.Array] = None):
+    """The per-row sums the sequence-wise balance loss is made of: (tokens routed to each
+    expert [b, e], normalised affinities s_i / sum_j s_j summed over tokens [b, e], tokens
+    [b]), over the tokens of `mask_bt`. Sums of parts of a row add up to the row's."""
+    e = cfg.n_routed_experts
+    if mask_bt is None:
+        mask_bt = jnp.ones(experts_btk.shape[:2], jnp.float32)
+    counts = (jax.nn.one_hot(experts_btk, e, dtype=jnp.float32).sum(2) * mask_bt[..., None]).sum(1)
+    normed = scores_bte / (scores_bte.sum(-1, keepdims=True) + 1e-20)
+    return counts, (normed * mask_bt[..., None]).sum(1), mask_bt.sum(-1)
+
+
+def balance_loss_from_terms(counts_be: jax.Array, affinity_be: jax.Array, tokens_b: jax.Array,
+                            cfg: ModelConfig) -> jax.Array:
+    """alpha * sum_i f_i * P_i averaged over rows, from `balance_terms` (leading axes, e.g.
+    layers, stay)."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    tokens = jnp.maximum(tokens_b, 1.0)[..., None]
+    f, p = counts_be * e / (k * tokens), affinity_be / tokens
+    return cfg.aux_loss_alpha * jnp.mean(jnp.sum(f * p, axis=-1), axis=-1)
+
+
 def sequence_balance_loss(scores_bte: jax.Array, experts_btk: jax.Array, cfg: ModelConfig,
                           mask_bt: Optional[jax.Array] = None) -> jax.Array:
     """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i * P_i, averaged over rows.
@@ -138,15 +162,7 @@ def sequence_balance_loss(scores_bte: jax.Array, experts_btk: jax.Array, cfg: Mo
     f_i = E / (K * T) * (tokens of the row routed to i), P_i = mean over the row's tokens
     of the normalised affinity s_i / sum_j s_j.
     """
-    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    if mask_bt is None:
-        mask_bt = jnp.ones(experts_btk.shape[:2], jnp.float32)
-    tokens = jnp.maximum(mask_bt.sum(-1), 1.0)  # [b]
-    counts = (jax.nn.one_hot(experts_btk, e, dtype=jnp.float32).sum(2) * mask_bt[..., None]).sum(1)
-    f = counts * e / (k * tokens[:, None])
-    normed = scores_bte / (scores_bte.sum(-1, keepdims=True) + 1e-20)
-    p = (normed * mask_bt[..., None]).sum(1) / tokens[:, None]
-    return cfg.aux_loss_alpha * jnp.mean(jnp.sum(f * p, axis=-1))
+    return balance_loss_from_terms(*balance_terms(scores_bte, experts_btk, cfg, mask_bt), cfg)
 
 
 def update_router_bias(bias_le: jax.Array, load_le: jax.Array, gamma: float) -> jax.Array:
@@ -554,6 +570,8 @@ def moe(w: MoEWeights, x_btd: jax.Array, cfg: ModelConfig,
         counted = jnp.repeat(mask.reshape(-1), cfg.num_experts_per_tok)
         load = jnp.bincount(experts.reshape(-1), weights=counted, length=cfg.n_routed_experts)
         load = load.astype(jnp.int32)
-    balance = (sequence_balance_loss(scores.reshape(b, t, -1), experts_btk, cfg, mask)
-               if cfg.aux_loss_alpha else jnp.zeros((), jnp.float32))
-    return y.reshape(b, t, d), MoEStats(load, balance, experts_btk, weights.reshape(b, t, -1))
+    terms, balance = None, jnp.zeros((), jnp.float32)
+    if cfg.aux_loss_alpha:
+        terms = balance_terms(scores.reshape(b, t, -1), experts_btk, cfg, mask)
+        balance = balance_loss_from_terms(*terms, cfg)
+    return y.reshape(b, t, d), MoEStats(load, balance, experts_btk, weights.reshape(b, t, -1), terms)

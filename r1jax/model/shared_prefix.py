@@ -20,21 +20,19 @@ import jax.numpy as jnp
 from r1jax.configs import ModelConfig
 from r1jax.model import expert_parallel
 from r1jax.model.cache import grow_cache, init_cache, unstack_cache
+from r1jax.model.moe import balance_loss_from_terms
 from r1jax.model.transformer import Params, forward
 from r1jax.sharding import MeshRules
 
 
 def prefix_sharing_applies(cfg: ModelConfig, rows: int, group_size: Optional[int],
                            mesh_rules: Optional[MeshRules] = None) -> bool:
-    """Whether `forward_shared_prefix` gives exactly what the plain forward gives: groups
-    of more than one row that divide the batch, and no per-sequence MoE statistic that the
-    split would change (a sequence-wise balance loss, `aux_loss_alpha > 0`) or
-    expert-parallel dispatch (which lays out the rows of one forward pass only)."""
+    """Whether `forward_shared_prefix` runs here: groups of more than one row that divide
+    the batch, and no expert-parallel dispatch (kept to the one forward pass over whole
+    rows that it is tested with)."""
     if not group_size or group_size < 2 or rows % group_size:
         return False
-    if cfg.num_moe_layers:
-        return not cfg.aux_loss_alpha and not expert_parallel.enabled(cfg, mesh_rules)
-    return True
+    return not (cfg.num_moe_layers and expert_parallel.enabled(cfg, mesh_rules))
 
 
 def forward_shared_prefix(params: Params, prefix_tokens_gp: jax.Array, prefix_lengths_g: jax.Array,
@@ -54,9 +52,9 @@ def forward_shared_prefix(params: Params, prefix_tokens_gp: jax.Array, prefix_le
     prefix_experts [l_moe, g, p, k] / experts [l_moe, n, w, k]: routing to replay;
     prefix_token_mask [g, p] / token_mask [n, w]: real tokens, for the MoE loads (the
     prefix's positions past its length are left out either way).
-    aux: `expert_load` [l_moe, e] as the plain forward over the n whole rows counts it
-    (each prefix token G times) and `balance_loss` (0: see `prefix_sharing_applies`),
-    for models with MoE layers.
+    aux, for models with MoE layers: `expert_load` [l_moe, e] and the sequence-wise
+    `balance_loss`, both as the plain forward over the n whole rows gives them (each row's
+    statistics over its prefix and its own tokens).
     """
     g, p = prefix_tokens_gp.shape
     n, w = tokens_nw.shape
@@ -81,5 +79,9 @@ def forward_shared_prefix(params: Params, prefix_tokens_gp: jax.Array, prefix_le
     aux = {}
     if "expert_load" in tail.aux:
         aux["expert_load"] = head.aux["expert_load"] * group_size + tail.aux["expert_load"]
-        aux["balance_loss"] = head.aux["balance_loss"] + tail.aux["balance_loss"]
+        aux["balance_loss"] = tail.aux["balance_loss"]  # 0 without a sequence-wise loss
+        if tail.aux["balance_terms"] is not None:  # each row's sums: its prefix's + its own
+            terms = [jnp.repeat(a, group_size, axis=1) + b
+                     for a, b in zip(head.aux["balance_terms"], tail.aux["balance_terms"])]
+            aux["balance_loss"] = balance_loss_from_terms(*terms, cfg).sum()
     return hidden, aux

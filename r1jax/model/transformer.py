@@ -316,7 +316,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
             hidden.append(hs)
         if isinstance(stats, MoEStats):
             aux.update(expert_load=stats.load, balance_loss=stats.balance_loss.sum(),
-                       experts=stats.experts, expert_weights=stats.weights)
+                       experts=stats.experts, expert_weights=stats.weights,
+                       balance_terms=stats.balance_terms)
     if return_hidden:
         aux["hidden"] = jnp.concatenate(hidden, axis=0)
     h_final = h
