@@ -318,6 +318,15 @@ def test_absorbed_mla_equals_naive(mla_case, with_cache):
     assert err < 1e-5, f"absorbed MLA differs from naive by {err:.3g}"
 
 
+def test_cached_mla_absorbs_for_few_queries_only():
+    """With a cache, MLA picks the form with fewer FLOPs: absorbed for decode steps and
+    short drafts over a long cache, per-head keys and values for a long continuation of a
+    short cached prompt (GRPO's completions after their shared prompt)."""
+    v3 = r1jax.configs.deepseek_v3_671b()
+    assert attention._absorbed_is_cheaper(v3, 1, 4096) and attention._absorbed_is_cheaper(v3, 3, 4096)
+    assert not attention._absorbed_is_cheaper(v3, 128, 192)
+
+
 # Sharding -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

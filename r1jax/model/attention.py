@@ -165,6 +165,17 @@ def _in_causal_chunks(core, queries: list, keys: list, mask_bts: jax.Array, chun
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def _absorbed_is_cheaper(cfg: ModelConfig, t: int, s: int) -> bool:
+    """Whether t queries over s cached latents take fewer FLOPs weight-absorbed (queries
+    and outputs through the latent space, c wide) than with the latents' keys and values
+    expanded per head (each of the s slots up-projected: cheaper for many queries, as in
+    a training forward pass that continues a cached prompt)."""
+    c, r, h, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    absorbed = t * (h * c + s * (2 * c + r) + c * v)
+    expanded = s * c * (h + v) + t * s * (h + r + v)
+    return absorbed <= expanded
+
+
 def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
         cfg: ModelConfig, cache: Optional[MLACache] = None, start_b: Optional[jax.Array] = None,
         absorbed: Optional[bool] = None):
@@ -197,7 +208,7 @@ def mla(w: MLAWeights, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bt
     t, s = x_btd.shape[1], latent_bsc.shape[1]
     flash = flash_attention_applies(cfg, cfg.qk_head_dim, t, s, cached=cache is not None)
     if absorbed is None:
-        absorbed = cache is not None and not flash
+        absorbed = cache is not None and not flash and _absorbed_is_cheaper(cfg, t, s)
 
     if absorbed:
         q_lat_btnc = jnp.einsum("btnh,cnh->btnc", q_nope, w.k_b.astype(dt))
