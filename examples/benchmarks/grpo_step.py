@@ -342,9 +342,9 @@ def main(argv=None):
     print(f"{args.model}, {args.prompts} prompts x G = {args.num_generations}, {args.prompt_len} + "
           f"{args.new_tokens} tokens, beta {args.beta}; median of {args.repeats}; matmul "
           f"{peak / 1e9:.1f} GFLOP/s; load average {load_before:.2f} -> {common.load_average():.2f}{speed}")
-    print(f"r1jax at {ours['shared_prompt_limit_fraction']['step_s']:.2f} of the floor of the work "
-          f"it does (each prompt's forward once per group: "
-          f"{'off, --no-share-prompts' if args.no_share_prompts else 'on'})")
+    if not args.no_share_prompts:
+        print(f"r1jax at {ours['shared_prompt_limit_fraction']['step_s']:.2f} of the floor of the "
+              "work it does (each prompt's forward once per group)")
     path = common.write_json(args.out, record)
     print(f"wrote {path}")
     return record

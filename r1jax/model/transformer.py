@@ -214,9 +214,10 @@ def out_major_projections(params: Params) -> Params:
 def _run_stack(stack: BlockWeights, h, cos, sin, mask, cfg, cache, start, experts_lbtk,
                return_hidden, mesh_rules, token_mask=None):
     """The blocks of one layer kind: a `lax.scan` over the stack [l, ...], or an unrolled
-    loop over a tuple of layers (from `unstack_layers`) and, without a cache, when
-    `cfg.unroll_layers` says so (None: on the CPU backend). A cache may be stacked or a
-    tuple of per-layer caches; the unrolled loop returns a tuple."""
+    loop over a tuple of layers (from `unstack_layers`) and, without a cache or with a
+    tuple of per-layer caches, when `cfg.unroll_layers` says so (None: on the CPU backend).
+    A cache may be stacked or a tuple of per-layer caches; the unrolled loop returns a
+    tuple."""
     def body(h, xs):
         w, layer_cache, experts = xs
         h, layer_cache, stats = block(w, h, cos, sin, mask, cfg, layer_cache, start, experts,
