@@ -112,6 +112,7 @@ def test_assemble_batch_layout_mask_and_advantages():
     assert batch.old_logp is None and batch.ref_logp is None and batch.experts is None
     # the rows of each group share their prompt: its forward pass may run once per group
     assert batch.group_size == 2
+    assert rollout.assemble_batch(groups, CFG, cfg, params=None, share_prompts=False).group_size is None
     unshared = rollout.assemble_batch(_random_groups(1, 4, G, P, N), CFG, GCFG, params=None)
     assert unshared.group_size is None  # every row its own random prompt
 
