@@ -46,11 +46,14 @@ def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(np.asarray(x)), tree)
 
 
-def _random_groups(seed, b, g, p, n, vocab=TOK.vocab_size):
-    """Groups with random prompts / completions of random lengths and random rewards."""
+def _random_groups(seed, b, g, p, n, vocab=TOK.vocab_size, shared_prompts=False):
+    """Groups with random prompts / completions of random lengths and random rewards; each
+    row its own prompt tokens unless `shared_prompts` (then one per group)."""
     rng = np.random.default_rng(seed)
     plen = np.repeat(rng.integers(1, p + 1, b), g).astype(np.int32)
     ptok = rng.integers(7, vocab, (b * g, p)).astype(np.int32)
+    if shared_prompts:
+        ptok = np.repeat(ptok[::g], g, axis=0)
     ptok[np.arange(p)[None] >= plen[:, None]] = 0
     lengths = rng.integers(1, n + 1, b * g).astype(np.int32)
     tokens = rng.integers(7, vocab, (b * g, n)).astype(np.int32)
@@ -491,7 +494,8 @@ def test_grad_accumulation_matches_one_big_batch(dense_params, dense_batch, dens
 
 # 8. sharded train step == single-device step -------------------------------------------------
 
-def test_sharded_train_step_matches_single_device():
+@pytest.mark.parametrize("shared_prompts", [False, True])
+def test_sharded_train_step_matches_single_device(shared_prompts):
     cfg = r1jax.configs.tiny_dense(vocab_size=104)  # vocab divisible by tensor = 2
     mesh = r1jax.make_mesh("data=2,fsdp=2,tensor=2")
     rules = r1jax.MeshRules(mesh)
@@ -500,7 +504,9 @@ def test_sharded_train_step_matches_single_device():
     single_params = _copy(params)
 
     gcfg = grpo.GRPOConfig(num_generations=4, beta=0.0, loss_aggregation="sequence_mean")
-    batch = rollout.assemble_batch(_random_groups(4, 2, 4, P, N, vocab=104), cfg, gcfg, params=None)
+    groups = _random_groups(4, 2, 4, P, N, vocab=104, shared_prompts=shared_prompts)
+    batch = rollout.assemble_batch(groups, cfg, gcfg, params=None)
+    assert batch.group_size == (4 if shared_prompts else None)  # 2 prompts: fewer than 4 shards
     state = init_train_state(params, OPT, jax.random.key(0))
     st_sh = state_shardings(OPT, state.opt_state, shardings, rules)
     state = jax.device_put(state, st_sh)
