@@ -50,8 +50,9 @@ class Params:
 @dataclasses.dataclass
 class ModelOutput:
     """logits [b, t, v] float32; mtp_logits [b, t, v] (position i predicts token i + 2) or
-    None; aux: dict of `expert_load` [l_moe, e], `balance_loss` [], `experts` and
-    `expert_weights` [l_moe, b, t, k], `hidden` [l + 1, b, t, d] (when asked),
+    None; aux: dict of `expert_load` [l_moe, e], `balance_loss` [], `balance_terms` (its
+    per-row sums, `moe.balance_terms`, stacked [l_moe, ...]; None when alpha = 0),
+    `experts` and `expert_weights` [l_moe, b, t, k], `hidden` [l + 1, b, t, d] (when asked),
     `final_hidden` [b, t, d] (before the final norm), `mtp_hidden`; cache."""
 
     logits: jax.Array
