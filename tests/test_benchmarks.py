@@ -1,5 +1,6 @@
 """The benchmark scripts keep running (tiny sizes, no peer): they are not timed here."""
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_gpu_benchmark_smoke(tmp_path):
     interpreted, tiny sizes) so that a scarce GPU session does not find a broken script."""
     out = tmp_path / "gpu.json"
     subprocess.run([sys.executable, str(ROOT / "examples/benchmarks/gpu.py"), "--smoke",
-                    "--sections", "limits,moe,decode", "--models", "deepseek", "--out", str(out)],
+                    "--sections", "limits,moe,decode,grpo", "--models", "deepseek", "--out", str(out)],
                    check=True, timeout=600, cwd=ROOT, capture_output=True, text=True)
     result = json.loads(out.read_text())
     moe = result["moe"]["tiny"]
@@ -64,3 +65,8 @@ def test_gpu_benchmark_smoke(tmp_path):
         assert moe[dispatch]["median_s"] > 0, moe[dispatch]
     assert result["moe"]["tiny_whole_layer"]["ratio"] > 0
     assert result["decode"]["tiny_moe"]["new_tokens_per_s"] > 0
+    grpo = result["grpo"]["tiny_moe"]
+    parity = grpo["logprobs_shared_vs_rows_float32"]
+    assert parity["tokens"] == 2 * 4 * 8 and parity["max_abs_diff"] < 1e-4 < parity["max_abs_logprob"]
+    for run in ("shared_prompts", "whole_rows"):
+        assert grpo[run]["median"]["step_s"] > 0 and math.isfinite(grpo[run]["warmup"]["grad_norm"])

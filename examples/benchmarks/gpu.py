@@ -29,12 +29,20 @@ each, so a run stopped early keeps what it measured):
   temperature 1, no stop) for the bench-small models and Qwen2.5-1.5B at `--batch`, with
   the fraction of the memory-bound floor (decode bytes of sampling.generate_cost at 2
   bytes per value over the measured bandwidth).
+- grpo: grpo_step.py's GRPO step (8 prompts x G = 8, 64 + 128 tokens, beta 0.04, one AdamW
+  step) of the bench-small models in bf16: seconds per step and per phase, with each
+  group's prompt run once (`RolloutBatch.group_size`) and with whole rows; and the
+  reference log-probs of one batch both ways in float32 at 'highest' matmul precision
+  (the prompt pass through cuDNN where it applies, the completions through the KV cache):
+  they must agree to float32 rounding (and the two bf16 runs' first gradient norms, from
+  the same samples, to bf16 rounding).
 
 Random weights throughout (speed and agreement do not depend on training). Writes `--out`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -47,6 +55,8 @@ import numpy as np
 
 import r1jax
 from r1jax import configs, training
+from r1jax.rl import grpo as grpo_lib
+from r1jax.rl import rollout
 from r1jax.losses import next_token_loss
 from r1jax.model import grouped_matmul as gmm
 from r1jax.model import moe as moe_lib
@@ -56,6 +66,7 @@ from r1jax.sampling import SamplingConfig, sample
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
+from grpo_step import IdTokenizer, id_reward, random_prompts, run_r1jax, step_flops  # noqa: E402
 from sampling import generate_cost, weight_sizes  # noqa: E402
 from train_step import timed, train_flops  # noqa: E402
 
@@ -83,6 +94,9 @@ def parse_args(argv=None):
                         "(checks that the script runs, measures nothing)")
     args = p.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(args.sections) - set(SECTION_FUNCTIONS))
+    if unknown:
+        p.error(f"--sections: unknown {unknown}; choose from {list(SECTION_FUNCTIONS)}")
     args.models = [m for m in args.models.split(",") if m]
     if args.smoke:
         args.large, args.batch, args.repeats = "", 2, 1
@@ -354,15 +368,76 @@ def decode(args, record):
     return out
 
 
-SECTION_FUNCTIONS = {"limits": limits, "checks": checks, "moe": moe, "train": train, "decode": decode}
+def grpo(args, record):
+    out = {}
+    peak = record["limits"]["bf16_matmul_flops"]
+    step = argparse.Namespace(prompts=size(args, 8, 2), num_generations=size(args, 8, 4),
+                              prompt_len=size(args, 64, 8), new_tokens=size(args, 128, 8),
+                              beta=0.04, learning_rate=1e-6, repeats=args.repeats, seed=0)
+    rows = step.prompts * step.num_generations
+    for model in args.models:
+        preset = bench_small(args, model)
+        if over_budget(args):
+            out[preset] = {"skipped": "over --budget-s"}
+            continue
+        row = out[preset] = {}
+        try:
+            cfg = configs.preset(preset).replace(**BF16)
+            init = lambda c: r1jax.init_params(jax.random.key(step.seed), c, with_mtp=False)  # noqa: E731
+            prompts = random_prompts(cfg, step.prompts, step.prompt_len, step.seed + 2)
+            row["logprobs_shared_vs_rows_float32"] = shared_prompt_parity(
+                cfg.replace(dtype="float32", param_dtype="float32"), init, prompts, step)
+            print(f"  grpo {preset} parity: {row['logprobs_shared_vs_rows_float32']}", flush=True)
+            flops = step_flops(cfg, weight_sizes(cfg, init(cfg)), rows, step.prompt_len,
+                               step.new_tokens, step.num_generations)
+            for label, share in (("shared_prompts", True), ("whole_rows", False)):
+                step.no_share_prompts = not share
+                res = run_r1jax(cfg, init(cfg), prompts, step)  # init: the step donates the params
+                total = flops["total_shared" if share else "total"]
+                row[label] = {"median": res["median"], "warmup": res["warmup"],
+                              "fraction_of_measured_peak": total / peak / res["median"]["step_s"]}
+            row["flops"] = flops
+            # the same samples (same weights and key) through both paths: the first step's
+            # gradient norm differs by bf16 rounding only
+            norms = [row[k]["warmup"]["grad_norm"] for k in ("shared_prompts", "whole_rows")]
+            row["warmup_grad_norm_rel_diff"] = abs(norms[0] - norms[1]) / max(abs(norms[1]), 1e-30)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        print(f"  grpo {preset}: {row}", flush=True)
+    return out
+
+
+def shared_prompt_parity(cfg, init, prompts, step) -> dict:
+    """Reference log-probs of one sampled GRPO batch with each group's prompt run once and
+    with whole rows, in float32 at 'highest' matmul precision: max |difference| over the
+    completion tokens, and the largest |log-prob| for scale."""
+    params = init(cfg)
+    gcfg = dataclasses.replace(grpo_lib.grpo_deepseekmath(), num_generations=step.num_generations,
+                               beta=step.beta, max_completion_length=step.new_tokens)
+    with jax.default_matmul_precision("highest"):
+        groups = rollout.generate_groups(
+            params, cfg, [{"prompt": IdTokenizer().decode(p)} for p in prompts],
+            tokenizer=IdTokenizer(), prompt_fn=lambda ex: ex["prompt"], reward_fn=id_reward,
+            num_generations=step.num_generations, key=jax.random.key(1), prompt_len=step.prompt_len,
+            scfg=SamplingConfig(max_new_tokens=step.new_tokens, temperature=1.0, return_logprobs=False))
+        shared, whole = (rollout.assemble_batch(groups, cfg, gcfg, params=params, ref_params=params,
+                                                share_prompts=share) for share in (True, False))
+    if shared.group_size != step.num_generations or whole.group_size is not None:
+        raise RuntimeError(f"group_size {shared.group_size} / {whole.group_size}: sharing not as asked")
+    mask = np.asarray(shared.mask) > 0
+    got, want = np.asarray(shared.ref_logp)[mask], np.asarray(whole.ref_logp)[mask]
+    return {"max_abs_diff": float(np.abs(got - want).max()), "max_abs_logprob": float(np.abs(want).max()),
+            "tokens": int(mask.sum())}
+
+
+SECTION_FUNCTIONS = {"limits": limits, "checks": checks, "moe": moe, "train": train, "decode": decode,
+                     "grpo": grpo}
 
 
 def main(argv=None):
     args = parse_args(argv)
     record = {"benchmark": "gpu", "machine": common.machine(), "args": vars(args)}
-    for name in SECTION_FUNCTIONS:
-        if name not in args.sections:
-            continue
+    for name in args.sections:  # in the order given
         if over_budget(args):
             record[name] = {"skipped": "over --budget-s"}
             continue

@@ -210,7 +210,7 @@ def run_r1jax(cfg, params, prompts: np.ndarray, args) -> dict:
             raise RuntimeError("a row stopped before max_new_tokens although no stop tokens are set")
         times = {"generate_s": t1 - t0, "reference_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0,
                  "reward": float(groups.rewards.mean()), "loss": float(metrics["loss"]),
-                 "kl": float(metrics["kl"])}
+                 "kl": float(metrics["kl"]), "grad_norm": float(metrics["grad_norm"])}
         steps.append(times)
         print(f"  r1jax step {step + 1}{' (warm-up, compiles)' if step == 0 else ''}: "
               f"{times['step_s']:.2f} s (generate {times['generate_s']:.2f}, reference "
