@@ -598,6 +598,45 @@ def test_chunked_head_logprobs_equal_whole_logits(with_tied, kept_logits_bytes):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keep_logits", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("vocab_major", [False, True], ids=["dv", "vd"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_linear_logprobs_gradient_equals_autodiff(vocab_major, keep_logits, temperature):
+    """`losses.linear_logprobs`' hand-written gradient equals autodiff through
+    `token_logprobs` of the same logits (weights of either layout, in bf16 too); its
+    entropy equals `losses.entropy` and carries no gradient."""
+    from r1jax.losses import entropy, linear_logprobs, token_logprobs
+
+    rng = np.random.default_rng(7)
+    m, d, v = 10, 16, 40
+    h = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(v, d) if vocab_major else (d, v)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, v, size=m), jnp.int32)
+    cot = jnp.asarray(rng.normal(size=m), jnp.float32)
+
+    def plain(h, w):
+        logits = jnp.einsum("md,vd->mv" if vocab_major else "md,dv->mv", h, w.astype(jnp.float32))
+        return token_logprobs(logits, tokens, temperature), entropy(logits, temperature)
+
+    def fused(h, w):
+        return linear_logprobs(h, w, tokens, vocab_major=vocab_major, temperature=temperature,
+                               with_entropy=True, keep_logits=keep_logits)
+
+    for w in (weight, weight.astype(jnp.bfloat16)):
+        for a, b, atol in zip(plain(h, w), fused(h, w), (2e-6, 2e-5)):  # logp, entropy
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=atol, rtol=1e-6)
+        grad = lambda fn: jax.grad(lambda h, w: jnp.sum(fn(h, w)[0] * cot), argnums=(0, 1))(h, w)  # noqa: E731
+        (dh_want, dw_want), (dh, dw) = grad(plain), grad(fused)
+        assert dw.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(dh), np.asarray(dh_want), atol=1e-6, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(dw_want, np.float32),
+                                   atol=1e-6 if w.dtype == jnp.float32 else 1e-2, rtol=1e-5)
+        assert np.abs(np.asarray(dh)).max() > 1e-2
+    ent_grad = jax.grad(lambda h: jnp.sum(fused(h, weight)[1]))(h)
+    assert not np.any(np.asarray(ent_grad))
+    assert linear_logprobs(h, weight, tokens, vocab_major=vocab_major)[1] is None
+
+
 def test_one_device_train_step_compiles_once():
     """`init_train_state` commits the state to its device like the step's outputs, so step 2
     reuses step 1's executable (uncommitted inputs made it compile twice)."""

@@ -21,14 +21,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from r1jax.configs import ModelConfig
 from r1jax.data.padding import tokenize_prompts
-from r1jax.losses import entropy as token_entropy
-from r1jax.losses import token_logprobs
+from r1jax.losses import linear_logprobs
 from r1jax.model.shared_prefix import forward_shared_prefix, prefix_sharing_applies
-from r1jax.model.transformer import Params, forward, output_head
+from r1jax.model.layers import in_major, rms_norm
+from r1jax.model.transformer import Params, forward
 from r1jax.rl import grpo
 from r1jax.sampling import FINISHED_LENGTH, Samples, SamplingConfig, sample, validate
 from r1jax.sharding import (MeshRules, batch_sharding, global_batch, local_rows, process_rows,
@@ -315,26 +314,28 @@ def head_logprobs(params: Params, h_ntd: jax.Array, targets_nt: jax.Array, cfg: 
 
     The logits of a whole batch ([n, t, vocab] float32: 1.6 GB for 64 x 191 tokens of a
     32k vocabulary, and as much again for their gradient) never exist at once: each chunk
-    of about `chunk_tokens` tokens is computed in turn. For the backward pass the chunks'
-    logits are kept while all of them take at most `kept_logits_bytes` (that much more
-    memory), and recomputed otherwise (`jax.checkpoint`: a quarter more of the head's
-    FLOPs; on CPU a GRPO update of 8,192 positions, 1 GB of logits, took 15.5 s
-    recomputing them and 14.6 s keeping them). Chunks run along positions, so rows keep
-    their sharding over the batch axes.
+    of about `chunk_tokens` tokens is computed in turn (`losses.linear_logprobs`, whose
+    gradient writes the logits' in one pass). For the backward pass the chunks' logits are
+    kept while all of them take at most `kept_logits_bytes` (that much more memory), and
+    recomputed otherwise (a third more of the head's FLOPs; on CPU a GRPO update of 8,192
+    positions, 1 GB of logits, took 15.5 s recomputing them and 14.6 s keeping them).
+    Chunks run along positions, so rows keep their sharding over the batch axes.
     """
-    n, t, _ = h_ntd.shape
+    n, t, d = h_ntd.shape
     span = max(1, min(t, chunk_tokens // max(n, 1)))
     chunks = -(-t // span)
     pad = chunks * span - t
     keep = n * chunks * span * cfg.vocab_size * 4 <= kept_logits_bytes
+    tied = params.lm_head is None
+    weight = params.embed if tied else in_major(params.lm_head)
 
-    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(
-        "head_logits") if keep else None)
     def one(h_nsd, targets_ns):
-        logits = checkpoint_name(output_head(params, h_nsd, cfg), "head_logits")
-        logp = token_logprobs(logits, targets_ns, temperature)
-        ent = token_entropy(logits, temperature) if with_entropy else jnp.zeros_like(logp)
-        return logp, ent
+        h = rms_norm(h_nsd, params.final_norm, cfg.rms_norm_eps).reshape(-1, d)
+        logp, ent = linear_logprobs(h, weight, targets_ns.reshape(-1), vocab_major=tied,
+                                    temperature=temperature, with_entropy=with_entropy,
+                                    keep_logits=keep)
+        logp = logp.reshape(targets_ns.shape)
+        return logp, (ent.reshape(logp.shape) if with_entropy else jnp.zeros_like(logp))
 
     if chunks == 1:
         logp, ent = one(h_ntd, targets_nt)
