@@ -46,8 +46,9 @@ def linear_logprobs(h_md: jax.Array, weight: jax.Array, tokens_m: jax.Array, *, 
     temperature, is written in one pass over the [m, v] logits, which autodiff spreads over
     several (a scatter of the picked entries into zeros, the softmax's recomputed log-sum,
     the sum of both): on CPU a [4096, 512] x [512, 32000] head's forward + backward ran
-    1.15x faster. keep_logits: the backward pass reads the forward's logits (m x v x 4
-    bytes kept); False recomputes them (a third more of the head's FLOPs).
+    1.15x faster alone, and a bench-small GRPO update's peak memory fell by 0.7 GB (its
+    time within noise). keep_logits: the backward pass reads the forward's logits (m x v
+    x 4 bytes kept); False recomputes them (a third more of the head's FLOPs).
     """
     logp, ent = _linear_logprobs(h_md.astype(jnp.float32), weight, tokens_m.astype(jnp.int32),
                                  vocab_major, float(temperature), with_entropy, keep_logits)
