@@ -1,9 +1,10 @@
 """The GRPO train step: a pure, jitted, sharded `train_step(state, batch) -> (state, metrics)`.
 
 The policy log-probs come from `forward` + `losses.linear_logprobs`, whose values are
-`losses.token_logprobs`, the function the sampler uses (its gradient is written by hand). With mu = 1 (`GRPOConfig.num_iterations == 1`) the batch carries no old
-log-probs: they are the current ones under `stop_gradient`, so the ratio is exactly 1 and
-the gradient is the plain policy gradient. MoE routing can be replayed from the rollout
+`losses.token_logprobs`, the function the sampler uses (its gradient is written by hand).
+With mu = 1 (`GRPOConfig.num_iterations == 1`) the batch carries no old log-probs: they
+are the current ones under `stop_gradient`, so the ratio is exactly 1 and the gradient is
+the plain policy gradient. MoE routing can be replayed from the rollout
 (`batch.experts`), and the auxiliary-loss-free router bias update runs after each step
 when `router_bias_rate > 0`.
 """
