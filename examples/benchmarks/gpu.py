@@ -66,7 +66,8 @@ from r1jax.sampling import SamplingConfig, sample
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
-from grpo_step import IdTokenizer, id_reward, random_prompts, run_r1jax, step_flops  # noqa: E402
+from grpo_step import (generate_id_groups, prompt_examples, random_prompts, run_r1jax,  # noqa: E402
+                       step_flops)
 from sampling import generate_cost, weight_sizes  # noqa: E402
 from train_step import timed, train_flops  # noqa: E402
 
@@ -415,11 +416,9 @@ def shared_prompt_parity(cfg, init, prompts, step) -> dict:
     gcfg = dataclasses.replace(grpo_lib.grpo_deepseekmath(), num_generations=step.num_generations,
                                beta=step.beta, max_completion_length=step.new_tokens)
     with jax.default_matmul_precision("highest"):
-        groups = rollout.generate_groups(
-            params, cfg, [{"prompt": IdTokenizer().decode(p)} for p in prompts],
-            tokenizer=IdTokenizer(), prompt_fn=lambda ex: ex["prompt"], reward_fn=id_reward,
-            num_generations=step.num_generations, key=jax.random.key(1), prompt_len=step.prompt_len,
-            scfg=SamplingConfig(max_new_tokens=step.new_tokens, temperature=1.0, return_logprobs=False))
+        scfg = SamplingConfig(max_new_tokens=step.new_tokens, temperature=1.0, return_logprobs=False)
+        groups = generate_id_groups(params, cfg, prompt_examples(prompts), jax.random.key(1),
+                                    step.num_generations, scfg, step.prompt_len)
         shared, whole = (rollout.assemble_batch(groups, cfg, gcfg, params=params, ref_params=params,
                                                 share_prompts=share) for share in (True, False))
     if shared.group_size != step.num_generations or whole.group_size is not None:

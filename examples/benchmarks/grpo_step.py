@@ -146,6 +146,20 @@ def id_reward(completion: str, **_) -> float:
     return even_token_reward(int(t) for t in completion.split())
 
 
+def prompt_examples(prompts: np.ndarray) -> list[dict]:
+    """The examples `generate_id_groups` reads: {"prompt": ids as decimal text} per row."""
+    return [{"prompt": IdTokenizer().decode(p)} for p in prompts]
+
+
+def generate_id_groups(params, cfg, examples: list[dict], key, num_generations: int,
+                       scfg: SamplingConfig, prompt_len: int) -> rollout.Groups:
+    """`rollout.generate_groups` over `prompt_examples`, scored by `id_reward`."""
+    return rollout.generate_groups(params, cfg, examples, tokenizer=IdTokenizer(),
+                                   prompt_fn=lambda ex: ex["prompt"], reward_fn=id_reward,
+                                   num_generations=num_generations, scfg=scfg, key=key,
+                                   prompt_len=prompt_len)
+
+
 def random_prompts(cfg, count: int, length: int, seed: int) -> np.ndarray:
     """[count, length] ids in [2, vocab): no pad (0) and no eos (1)."""
     return np.random.default_rng(seed).integers(2, cfg.vocab_size, (count, length), dtype=np.int32)
@@ -184,16 +198,14 @@ def run_r1jax(cfg, params, prompts: np.ndarray, args) -> dict:
     train_step = make_train_step(cfg, gcfg, optimizer)
     scfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=gcfg.temperature,
                           return_logprobs=False)
-    examples = [{"prompt": IdTokenizer().decode(p)} for p in prompts]
+    examples = prompt_examples(prompts)
     steps = []
     for step in range(1 + args.repeats):
         key = jax.random.fold_in(state.key, step)
 
         def generate(exs, k):
-            return rollout.generate_groups(state.params, cfg, exs, tokenizer=IdTokenizer(),
-                                           prompt_fn=lambda ex: ex["prompt"], reward_fn=id_reward,
-                                           num_generations=gcfg.num_generations, scfg=scfg, key=k,
-                                           prompt_len=args.prompt_len)
+            return generate_id_groups(state.params, cfg, exs, k, gcfg.num_generations, scfg,
+                                      args.prompt_len)
 
         t0 = time.perf_counter()
         groups, _ = rollout.collect_groups(generate, itertools.repeat(examples), key, len(examples),

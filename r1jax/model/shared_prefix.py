@@ -76,12 +76,12 @@ def forward_shared_prefix(params: Params, prefix_tokens_gp: jax.Array, prefix_le
     last_g1d = jnp.take_along_axis(head.aux["final_hidden"], (prefix_lengths_g - 1)[:, None, None],
                                    axis=1)
     hidden = jnp.concatenate([rows(last_g1d), tail.aux["final_hidden"][:, :-1]], axis=1)
-    aux = {}
-    if "expert_load" in tail.aux:
-        aux["expert_load"] = head.aux["expert_load"] * group_size + tail.aux["expert_load"]
-        aux["balance_loss"] = tail.aux["balance_loss"]  # 0 without a sequence-wise loss
-        if tail.aux["balance_terms"] is not None:  # each row's sums: its prefix's + its own
-            terms = [jnp.repeat(a, group_size, axis=1) + b
-                     for a, b in zip(head.aux["balance_terms"], tail.aux["balance_terms"])]
-            aux["balance_loss"] = balance_loss_from_terms(*terms, cfg).sum()
-    return hidden, aux
+    if "expert_load" not in tail.aux:
+        return hidden, {}
+    balance = jnp.zeros((), jnp.float32)  # without a sequence-wise loss (alpha = 0)
+    if tail.aux["balance_terms"] is not None:  # each row's sums: its prefix's + its own
+        terms = [jnp.repeat(a, group_size, axis=1) + b
+                 for a, b in zip(head.aux["balance_terms"], tail.aux["balance_terms"])]
+        balance = balance_loss_from_terms(*terms, cfg).sum()
+    return hidden, {"expert_load": head.aux["expert_load"] * group_size + tail.aux["expert_load"],
+                    "balance_loss": balance}

@@ -314,10 +314,10 @@ def head_logprobs(params: Params, h_ntd: jax.Array, targets_nt: jax.Array, cfg: 
 
     The logits of a whole batch ([n, t, vocab] float32: 1.6 GB for 64 x 191 tokens of a
     32k vocabulary, and as much again for their gradient) never exist at once: each chunk
-    of about `chunk_tokens` tokens is computed in turn (`losses.linear_logprobs`: the logits'
-    gradient in one pass). For the backward pass the chunks' logits are
-    kept while all of them take at most `kept_logits_bytes` (that much more memory), and
-    recomputed otherwise (a third more of the head's FLOPs; on CPU a GRPO update of 8,192
+    of about `chunk_tokens` tokens is computed in turn (`losses.linear_logprobs`: the
+    logits' gradient in one pass). For the backward pass the chunks' logits are kept while
+    all of them take at most `kept_logits_bytes` (that much more memory), and recomputed
+    otherwise (a third more of the head's FLOPs; on CPU a GRPO update of 8,192
     positions, 1 GB of logits, took 15.5 s recomputing them and 14.6 s keeping them).
     Chunks run along positions, so rows keep their sharding over the batch axes.
     """
