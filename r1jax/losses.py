@@ -7,6 +7,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from r1jax.model.layers import unembed
+
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     """Mean of x where mask is set; 0 where the mask is empty."""
@@ -56,7 +58,8 @@ def linear_logprobs(h_md: jax.Array, weight: jax.Array, tokens_m: jax.Array, *, 
 
 
 def _logits(h_md, weight, vocab_major):
-    return jnp.einsum("md,vd->mv" if vocab_major else "md,dv->mv", h_md, weight.astype(jnp.float32))
+    # the model's own output product (`layers.unembed`): a table [v, d] or a head [d, v]
+    return unembed(h_md[None], None if vocab_major else weight, weight)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -68,9 +71,8 @@ def _linear_logprobs(h_md, weight, tokens_m, vocab_major, temperature, with_entr
 def _linear_logprobs_fwd(h_md, weight, tokens_m, vocab_major, temperature, with_entropy, keep_logits):
     logits = _logits(h_md, weight, vocab_major)
     logp, logz = _logprobs_and_logz(logits, tokens_m, temperature)
-    if with_entropy:  # log z - E_p[logits / temperature]
-        scaled = logits / temperature
-        ent = logz - jnp.sum(jnp.exp(scaled - logz[:, None]) * scaled, axis=-1)
+    if with_entropy:
+        ent = _entropy_of_logp(logits / temperature - logz[:, None])
     else:
         ent = jnp.zeros_like(logp)
     return (logp, ent), (h_md, weight, tokens_m, logz, logits if keep_logits else None)
@@ -93,7 +95,10 @@ _linear_logprobs.defvjp(_linear_logprobs_fwd, _linear_logprobs_bwd)
 
 def entropy(logits_btv: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Entropy of softmax(logits / temperature) per position, [b, t] float32."""
-    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
+    return _entropy_of_logp(jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1))
+
+
+def _entropy_of_logp(logp):
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
